@@ -1,0 +1,342 @@
+// pybind11 boundary of the knnmem core (module knnmem._core).
+//
+// Every check of user input happens here, before the core runs and before
+// anything is changed: shapes, dtypes, layout, finiteness. Messages name the
+// public argument, what was expected and what came. The GIL is released while
+// the core works.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "knnmem/knnmem.hpp"
+
+namespace py = pybind11;
+using knnmem::InvalidArgument;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// `expected` entries < 0 match any size. `what` spells the expected shape.
+void check_shape(const py::array& a, const char* name, const std::vector<int64_t>& expected,
+                 const std::string& what) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(expected.size());
+  for (std::size_t i = 0; ok && i < expected.size(); ++i) {
+    ok = expected[i] < 0 || a.shape(static_cast<py::ssize_t>(i)) == expected[i];
+  }
+  if (!ok) {
+    throw InvalidArgument(std::string(name) + ": expected shape " + what + ", got " +
+                          shape_str(a));
+  }
+}
+
+void check_float32(const py::array& a, const char* name) {
+  if (!a.dtype().is(py::dtype::of<float>())) {
+    throw py::type_error(std::string(name) + ": expected dtype float32, got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw InvalidArgument(std::string(name) +
+                          ": expected a C-contiguous array, got strides that are not; "
+                          "pass numpy.ascontiguousarray(" + name + ")");
+  }
+}
+
+// Throws naming the first NaN/Inf element. Runs without the GIL.
+void check_finite(const float* data, const py::array& a, const char* name) {
+  const int64_t n = static_cast<int64_t>(a.size());
+  int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(data[i])) {
+        bad = i;
+        break;
+      }
+    }
+  }
+  if (bad < 0) return;
+  std::vector<int64_t> index(static_cast<std::size_t>(a.ndim()));
+  int64_t rest = bad;
+  for (py::ssize_t d = a.ndim() - 1; d >= 0; --d) {
+    index[static_cast<std::size_t>(d)] = rest % a.shape(d);
+    rest /= a.shape(d);
+  }
+  std::ostringstream s;
+  s << name << ": expected finite values, got " << data[bad] << " at index [";
+  for (std::size_t d = 0; d < index.size(); ++d) s << (d ? ", " : "") << index[d];
+  s << "]";
+  throw InvalidArgument(s.str());
+}
+
+const float* checked_input(const py::array& a, const char* name,
+                           const std::vector<int64_t>& expected, const std::string& what) {
+  check_float32(a, name);
+  check_shape(a, name, expected, what);
+  const float* data = static_cast<const float*>(a.data());
+  check_finite(data, a, name);
+  return data;
+}
+
+double checked_recall_target(double recall_target) {
+  if (!(recall_target > 0.0 && recall_target <= 1.0)) {
+    std::ostringstream s;
+    s << "recall_target: expected a number in (0, 1], got " << recall_target;
+    throw InvalidArgument(s.str());
+  }
+  return recall_target;
+}
+
+int64_t checked_k(int64_t k, int64_t capacity) {
+  if (k < 1 || k > capacity) {
+    throw InvalidArgument("k: expected an integer in [1, capacity=" + std::to_string(capacity) +
+                          "], got " + std::to_string(k));
+  }
+  return k;
+}
+
+std::string dims(std::initializer_list<std::string> parts) {
+  std::string s = "(";
+  bool first = true;
+  for (const auto& p : parts) {
+    s += (first ? "" : ", ") + p;
+    first = false;
+  }
+  return s + ")";
+}
+std::string named(const char* name, int64_t v) { return std::string(name) + "=" + std::to_string(v); }
+
+// Allocates the result arrays and runs `run(out)` without the GIL.
+template <class Run>
+py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64_t value_dim,
+                     Run&& run) {
+  py::array_t<float> scores({grid, nq, k});
+  py::array_t<int64_t> indices({grid, nq, k});
+  py::array_t<bool> mask({grid, nq, k});
+  py::array_t<float> keys({grid, nq, k, key_dim});
+  py::array_t<float> values({grid, nq, k, value_dim});
+  knnmem::SearchOutput out{scores.mutable_data(), indices.mutable_data(), mask.mutable_data(),
+                           keys.mutable_data(), values.mutable_data()};
+  {
+    py::gil_scoped_release release;
+    run(out);
+  }
+  return py::make_tuple(scores, indices, keys, values, mask);
+}
+
+// A caller-owned ring: keys [G, C, d], values [G, C, dv], written [G] int64.
+struct RingArrays {
+  knnmem::MutableMemoryView view;
+  std::shared_ptr<const knnmem::Placement> placement;
+};
+
+RingArrays ring_view(const py::array& keys, const py::array& values, const py::array& written,
+                     bool writeable) {
+  check_float32(keys, "keys");
+  check_float32(values, "values");
+  if (keys.ndim() != 3) {
+    throw InvalidArgument("keys: expected shape (grid, capacity, key_dim), got " +
+                          shape_str(keys));
+  }
+  const int64_t grid = keys.shape(0), capacity = keys.shape(1), key_dim = keys.shape(2);
+  if (capacity < 1 || key_dim < 1) {
+    throw InvalidArgument("keys: expected capacity >= 1 and key_dim >= 1, got shape " +
+                          shape_str(keys));
+  }
+  check_shape(values, "values", {grid, capacity, -1},
+              dims({named("grid", grid), named("capacity", capacity), "value_dim"}));
+  if (values.shape(2) < 1) {
+    throw InvalidArgument("values: expected value_dim >= 1, got shape " + shape_str(values));
+  }
+  if (!written.dtype().is(py::dtype::of<int64_t>())) {
+    throw py::type_error("written: expected dtype int64, got " +
+                         std::string(py::str(written.dtype())));
+  }
+  check_shape(written, "written", {grid}, dims({named("grid", grid)}));
+  if (!(written.flags() & py::array::c_style)) {
+    throw InvalidArgument("written: expected a C-contiguous array");
+  }
+  const int64_t* w = static_cast<const int64_t*>(written.data());
+  for (int64_t g = 0; g < grid; ++g) {
+    if (w[g] < 0) {
+      throw InvalidArgument("written: expected counts >= 0, got " + std::to_string(w[g]) +
+                            " at index [" + std::to_string(g) + "]");
+    }
+  }
+  if (writeable) {
+    for (auto [a, name] : {std::pair{&keys, "keys"}, {&values, "values"}, {&written, "written"}}) {
+      if (!a->writeable()) throw InvalidArgument(std::string(name) + ": expected a writeable array");
+    }
+  }
+  RingArrays r;
+  r.placement = knnmem::Placement::shared(capacity);
+  r.view = knnmem::MutableMemoryView{
+      static_cast<float*>(const_cast<void*>(keys.data())),
+      static_cast<float*>(const_cast<void*>(values.data())),
+      nullptr,
+      static_cast<int64_t*>(const_cast<void*>(written.data())),
+      grid,
+      capacity,
+      key_dim,
+      key_dim,
+      values.shape(2),
+      values.shape(2),
+      r.placement.get()};
+  return r;
+}
+
+py::array_t<int64_t> to_numpy(const std::vector<int64_t>& v) {
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(v.size()));
+  std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(int64_t));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "knnmem C++ core (see knnmem.Memory for the public API)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::length_error& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    }
+  });
+
+  py::class_<knnmem::Memory>(m, "Memory")
+      .def(py::init([](int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
+                       const std::string& metric) {
+             return new knnmem::Memory(grid, capacity, key_dim, value_dim,
+                                       knnmem::parse_metric(metric));
+           }),
+           py::arg("grid"), py::arg("capacity"), py::arg("key_dim"), py::arg("value_dim"),
+           py::arg("metric") = "ip")
+      .def_property_readonly("grid", &knnmem::Memory::grid)
+      .def_property_readonly("capacity", &knnmem::Memory::capacity)
+      .def_property_readonly("key_dim", &knnmem::Memory::key_dim)
+      .def_property_readonly("value_dim", &knnmem::Memory::value_dim)
+      .def_property_readonly("metric",
+                             [](const knnmem::Memory& self) { return knnmem::metric_name(self.metric()); })
+      .def_property_readonly("nbytes", &knnmem::Memory::nbytes)
+      .def_property_readonly("written", [](const knnmem::Memory& self) { return to_numpy(self.written()); })
+      .def_property_readonly("count", [](const knnmem::Memory& self) { return to_numpy(self.count()); })
+      .def(
+          "add",
+          [](knnmem::Memory& self, const py::array& keys, const py::array& values) {
+            const int64_t G = self.grid();
+            const int64_t T = keys.ndim() == 3 ? keys.shape(1) : -1;
+            const float* k = checked_input(
+                keys, "keys", {G, T, self.key_dim()},
+                dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
+            const float* v = checked_input(
+                values, "values", {G, T, self.value_dim()},
+                dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
+            py::gil_scoped_release release;
+            self.add(k, v, T);
+          },
+          py::arg("keys"), py::arg("values"))
+      .def(
+          "search",
+          [](const knnmem::Memory& self, const py::array& queries, int64_t k,
+             double recall_target) {
+            const int64_t G = self.grid();
+            checked_k(k, self.capacity());
+            checked_recall_target(recall_target);
+            const float* q = checked_input(
+                queries, "queries", {G, -1, self.key_dim()},
+                dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
+            const int64_t nq = queries.shape(1);
+            return run_search(G, nq, k, self.key_dim(), self.value_dim(),
+                              [&](const knnmem::SearchOutput& out) {
+                                self.search(q, nq, k, recall_target, out);
+                              });
+          },
+          py::arg("queries"), py::arg("k"), py::arg("recall_target"))
+      .def(
+          "clear",
+          [](knnmem::Memory& self, std::optional<py::array_t<bool, py::array::c_style>> mask) {
+            if (!mask) {
+              self.clear(nullptr);
+              return;
+            }
+            check_shape(*mask, "which", {self.grid()}, dims({named("grid", self.grid())}));
+            self.clear(reinterpret_cast<const uint8_t*>(mask->data()));
+          },
+          py::arg("mask") = py::none());
+
+  m.def(
+      "search",
+      [](const py::array& keys, const py::array& values, const py::array& written,
+         const py::array& queries, int64_t k, double recall_target, const std::string& metric) {
+        RingArrays ring = ring_view(keys, values, written, false);
+        const knnmem::MemoryView view = ring.view.as_const();
+        const knnmem::Metric parsed = knnmem::parse_metric(metric);
+        checked_k(k, view.capacity);
+        checked_recall_target(recall_target);
+        const float* q = checked_input(
+            queries, "queries", {view.grid, -1, view.key_dim},
+            dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
+        const int64_t nq = queries.shape(1);
+        return run_search(view.grid, nq, k, view.key_dim, view.value_dim,
+                          [&](const knnmem::SearchOutput& out) {
+                            knnmem::search(view, q, nq, {k, recall_target, parsed}, out);
+                          });
+      },
+      py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("queries"), py::arg("k"),
+      py::arg("recall_target"), py::arg("metric"),
+      "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
+
+  m.def(
+      "add",
+      [](const py::array& keys, const py::array& values, const py::array& written,
+         const py::array& new_keys, const py::array& new_values) {
+        RingArrays ring = ring_view(keys, values, written, true);
+        const knnmem::MutableMemoryView& view = ring.view;
+        const int64_t T = new_keys.ndim() == 3 ? new_keys.shape(1) : -1;
+        const float* nk = checked_input(
+            new_keys, "new_keys", {view.grid, T, view.key_dim},
+            dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
+        const float* nv = checked_input(
+            new_values, "new_values", {view.grid, T, view.value_dim},
+            dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
+        py::gil_scoped_release release;
+        knnmem::add(view, nk, nv, T);
+      },
+      py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("new_keys"),
+      py::arg("new_values"), "Append rows to a caller-owned ring, in place.");
+
+  m.def(
+      "placement",
+      [](int64_t capacity) {
+        auto p = knnmem::Placement::shared(capacity);
+        py::array_t<int32_t> slot_of(capacity), offset_of(capacity);
+        std::memcpy(slot_of.mutable_data(), p->slot_of(), sizeof(int32_t) * capacity);
+        std::memcpy(offset_of.mutable_data(), p->offset_of(), sizeof(int32_t) * capacity);
+        return py::make_tuple(slot_of, offset_of);
+      },
+      py::arg("capacity"),
+      "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");
+  m.def("expected_recall", &knnmem::expected_recall, py::arg("num_bins"), py::arg("k"));
+  m.def("bins_for_recall", &knnmem::bins_for_recall, py::arg("k"), py::arg("recall_target"));
+  m.def("set_num_threads", &knnmem::set_num_threads, py::arg("num_threads"));
+  m.def("get_num_threads", &knnmem::get_num_threads);
+  m.attr("PLACEMENT_BLOCK") = knnmem::Placement::kPlacementBlock;
+}

@@ -1,0 +1,160 @@
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+
+#include "core/assert.hpp"
+#include "core/thread_pool.hpp"
+#include "cpu/kernels.hpp"
+#include "knnmem/knnmem.hpp"
+
+namespace knnmem {
+namespace {
+
+constexpr int64_t kAlign = 64;
+constexpr int64_t kAddChunk = 4096;  // rows per add task
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Product of sizes in bytes; throws std::length_error naming the sizes when
+// it does not fit in a signed 64-bit count.
+int64_t checked_bytes(int64_t a, int64_t b, int64_t c, const char* what) {
+  int64_t ab, abc, bytes;
+  if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc) ||
+      __builtin_mul_overflow(abc, int64_t{4}, &bytes) || bytes > INT64_MAX - kAlign) {
+    throw std::length_error(std::string(what) + ": " + std::to_string(a) + " x " +
+                            std::to_string(b) + " x " + std::to_string(c) +
+                            " float32 overflows a 64-bit byte count");
+  }
+  return bytes;
+}
+
+// Zeroed storage aligned to kAlign. calloc hands out untouched pages for big
+// blocks, so a large memory costs RAM only as it fills.
+float* alloc_zeroed(int64_t bytes) {
+  void* raw = std::calloc(static_cast<std::size_t>(bytes + kAlign + sizeof(void*)), 1);
+  if (raw == nullptr) throw std::bad_alloc();
+  auto start = reinterpret_cast<uintptr_t>(raw) + sizeof(void*);
+  auto aligned = (start + kAlign - 1) & ~static_cast<uintptr_t>(kAlign - 1);
+  reinterpret_cast<void**>(aligned)[-1] = raw;
+  return reinterpret_cast<float*>(aligned);
+}
+
+void free_aligned(float* p) {
+  if (p != nullptr) std::free(reinterpret_cast<void**>(p)[-1]);
+}
+
+}  // namespace
+
+void add(const MutableMemoryView& m, const float* new_keys, const float* new_values,
+         int64_t num_rows) {
+  KNNMEM_ASSERT(num_rows >= 0 && m.placement && m.placement->capacity() == m.capacity);
+  if (num_rows == 0 || m.grid == 0) return;
+  // Only the last `capacity` rows of the segment survive; they map to
+  // distinct slots, so chunks of them can be written in parallel.
+  const int64_t first = std::max<int64_t>(0, num_rows - m.capacity);
+  const int64_t chunks = (num_rows - first + kAddChunk - 1) / kAddChunk;
+  const int32_t* slot_of = m.placement->slot_of();
+  detail::parallel_for(static_cast<std::size_t>(m.grid * chunks), [&](std::size_t i) {
+    const int64_t g = static_cast<int64_t>(i) / chunks;
+    const int64_t t0 = first + (static_cast<int64_t>(i) % chunks) * kAddChunk;
+    const int64_t t1 = std::min(num_rows, t0 + kAddChunk);
+    const int64_t written = m.written[g];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t slot = slot_of[(written + t) % m.capacity];
+      const float* key = new_keys + (g * num_rows + t) * m.key_dim;
+      std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key,
+                  sizeof(float) * m.key_dim);
+      std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
+                  new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
+      if (m.sq_norms) m.sq_norms[g * m.capacity + slot] = cpu::squared_norm(key, m.key_dim);
+    }
+  });
+  for (int64_t g = 0; g < m.grid; ++g) m.written[g] += num_rows;
+}
+
+Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric)
+    : grid_(grid),
+      capacity_(capacity),
+      key_dim_(key_dim),
+      key_stride_(round_up(key_dim, kAlign / 4)),
+      value_dim_(value_dim),
+      value_stride_(value_dim),
+      metric_(metric) {
+  auto positive = [](int64_t v, const char* name) {
+    if (v < 1) {
+      throw InvalidArgument(std::string(name) + ": expected an integer >= 1, got " +
+                            std::to_string(v));
+    }
+  };
+  positive(grid, "shape");
+  positive(capacity, "capacity");
+  positive(key_dim, "key_dim");
+  positive(value_dim, "value_dim");
+  // Check every size before allocating anything.
+  const int64_t key_bytes = checked_bytes(grid, capacity, key_stride_, "keys");
+  const int64_t value_bytes = checked_bytes(grid, capacity, value_stride_, "values");
+  const int64_t norm_bytes = checked_bytes(grid, capacity, 1, "norms");
+  placement_ = Placement::shared(capacity);
+  try {
+    keys_ = alloc_zeroed(key_bytes);
+    values_ = alloc_zeroed(value_bytes);
+    sq_norms_ = alloc_zeroed(norm_bytes);
+  } catch (...) {
+    free_aligned(keys_);
+    free_aligned(values_);
+    throw;
+  }
+  written_.assign(static_cast<std::size_t>(grid), 0);
+}
+
+Memory::~Memory() {
+  free_aligned(keys_);
+  free_aligned(values_);
+  free_aligned(sq_norms_);
+}
+
+int64_t Memory::nbytes() const {
+  return 4 * grid_ * capacity_ * (key_stride_ + value_stride_ + 1) + 8 * grid_ + 8 * capacity_;
+}
+
+MutableMemoryView Memory::view_unlocked() const {
+  return MutableMemoryView{keys_,    values_,   sq_norms_,    const_cast<int64_t*>(written_.data()),
+                           grid_,    capacity_, key_dim_,     key_stride_,
+                           value_dim_, value_stride_, placement_.get()};
+}
+
+void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  knnmem::add(view_unlocked(), new_keys, new_values, num_rows);
+}
+
+void Memory::search(const float* queries, int64_t num_queries, int64_t k, double recall_target,
+                    const SearchOutput& out) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  const SearchOptions options{k, recall_target, metric_};
+  knnmem::search(view_unlocked().as_const(), queries, num_queries, options, out);
+}
+
+void Memory::clear(const uint8_t* clear_mask) {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  for (int64_t g = 0; g < grid_; ++g) {
+    if (clear_mask == nullptr || clear_mask[g]) written_[g] = 0;
+  }
+}
+
+std::vector<int64_t> Memory::written() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return written_;
+}
+
+std::vector<int64_t> Memory::count() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::vector<int64_t> out(written_.size());
+  for (std::size_t g = 0; g < out.size(); ++g) out[g] = std::min(written_[g], capacity_);
+  return out;
+}
+
+}  // namespace knnmem

@@ -1,0 +1,61 @@
+#include <cmath>
+#include <string>
+
+#include "knnmem/knnmem.hpp"
+
+namespace knnmem {
+
+Metric parse_metric(const std::string& name) {
+  if (name == "ip") return Metric::kInnerProduct;
+  if (name == "cosine") return Metric::kCosine;
+  if (name == "l2") return Metric::kL2;
+  throw InvalidArgument("metric: expected one of 'ip', 'cosine', 'l2', got '" + name + "'");
+}
+
+const char* metric_name(Metric metric) {
+  switch (metric) {
+    case Metric::kInnerProduct:
+      return "ip";
+    case Metric::kCosine:
+      return "cosine";
+    case Metric::kL2:
+      return "l2";
+  }
+  return "?";
+}
+
+double expected_recall(int64_t num_bins, int64_t k) {
+  if (num_bins < 1 || k < 1) {
+    throw InvalidArgument("expected_recall: num_bins and k must be >= 1, got num_bins=" +
+                          std::to_string(num_bins) + ", k=" + std::to_string(k));
+  }
+  const double L = static_cast<double>(num_bins);
+  const double kk = static_cast<double>(k);
+  // 1 - (1 - 1/L)^k, computed without cancellation for large L.
+  const double hit = -std::expm1(kk * std::log1p(-1.0 / L));
+  return (L / kk) * hit;
+}
+
+int64_t bins_for_recall(int64_t k, double recall_target) {
+  if (k < 1) throw InvalidArgument("k: expected an integer >= 1, got " + std::to_string(k));
+  if (!(recall_target > 0.0 && recall_target <= 1.0)) {
+    throw InvalidArgument("recall_target: expected a number in (0, 1], got " +
+                          std::to_string(recall_target));
+  }
+  if (recall_target >= 1.0) return 0;
+  if (expected_recall(k, k) >= recall_target) return k;
+  // r(L) >= 1 - (k - 1) / (2L), so this upper bound always meets the target.
+  int64_t hi = static_cast<int64_t>(std::ceil((k - 1) / (2.0 * (1.0 - recall_target)))) + k;
+  int64_t lo = k;  // r(lo) < target <= r(hi); r is increasing in L
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (expected_recall(mid, k) >= recall_target) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return hi;
+}
+
+}  // namespace knnmem

@@ -1,0 +1,214 @@
+// knnmem: a grid of FIFO key/value memories with approximate top-k search.
+//
+// This is the whole public C++ surface. It has no Python and no framework types:
+// front ends (the pybind11 module, XLA FFI handlers, PyTorch ops) validate user
+// input and then call these functions on their own buffers.
+//
+// Two levels:
+//   * Views + free functions (`search`, `add`): kernels on borrowed buffers in
+//     the ring layout described below. The caller owns the storage.
+//   * `Memory`: owns aligned storage for a grid of memories, the write
+//     counters, and a reader/writer lock; forwards to the free functions.
+//
+// Ring layout of one grid of G memories, each with `capacity` slots:
+//   keys     [G][capacity][key_stride]   float32, key_stride >= key_dim
+//   values   [G][capacity][value_stride] float32, value_stride >= value_dim
+//   written  [G]                         int64, rows added since the last clear
+//   sq_norms [G][capacity]               float32, optional (|key|^2 per slot)
+// Row p of a memory's stream (p = 0 is the first row added since the last
+// clear) lives in slot placement(p mod capacity), see `Placement`.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <shared_mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace knnmem {
+
+// A user error: bad arguments to a public function. Front ends turn it into a
+// ValueError (or the framework's error type). Internal invariants use
+// KNNMEM_ASSERT (abort), never this.
+class InvalidArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+enum class Metric : int {
+  kInnerProduct = 0,  // score = <q, k>
+  kCosine = 1,        // score = <q, k> / (|q| |k|); 0 where either norm is 0
+  kL2 = 2,            // score = -|q - k|^2 (higher is nearer)
+};
+
+// Parses "ip" | "cosine" | "l2"; throws InvalidArgument naming `metric`.
+Metric parse_metric(const std::string& name);
+const char* metric_name(Metric metric);
+
+// ---------------------------------------------------------------------------
+// Recall model of the strided-bin partial reduction (TPU-KNN, Chern et al.).
+// With L bins and the true top-k in independent uniformly random bins, the
+// expected fraction of the top-k that survives is
+//     r(L) = (L / k) * (1 - (1 - 1/L)^k).
+double expected_recall(int64_t num_bins, int64_t k);
+// Smallest L >= k with expected_recall(L, k) >= recall_target, or 0 when
+// recall_target >= 1 (exact search). Requires k >= 1, 0 < recall_target.
+int64_t bins_for_recall(int64_t k, double recall_target);
+
+// ---------------------------------------------------------------------------
+// Placement: where row p of the stream lands. Slots are cut into blocks of
+// kPlacementBlock (the last one may be shorter); rows fill the blocks in
+// order, and inside block b they land in the order of a fixed pseudo-random
+// permutation of that block (Fisher-Yates driven by splitmix64 seeded with b).
+// Bins are strided over physical slots (bin = slot mod L), so the rows of any
+// bin are a pseudo-random sample of the stream whatever its order -- recall
+// follows the formula on data with local or periodic structure -- while a
+// memory that is not full only scans the blocks it has written.
+class Placement {
+ public:
+  static constexpr int64_t kPlacementBlock = 65536;
+
+  explicit Placement(int64_t capacity);
+  // The placement of a capacity, built once and shared (the tables are
+  // immutable and depend on nothing else).
+  static std::shared_ptr<const Placement> shared(int64_t capacity);
+  int64_t capacity() const { return static_cast<int64_t>(slot_of_.size()); }
+  // Slot that stream offset r (= p mod capacity) is written to.
+  const int32_t* slot_of() const { return slot_of_.data(); }
+  // Inverse: stream offset held by slot s.
+  const int32_t* offset_of() const { return offset_of_.data(); }
+
+ private:
+  std::vector<int32_t> slot_of_;
+  std::vector<int32_t> offset_of_;
+};
+
+// ---------------------------------------------------------------------------
+// Borrowed views of a grid of memories (see the ring layout above).
+struct MemoryView {
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const float* sq_norms = nullptr;  // may be null: computed on the fly
+  const int64_t* written = nullptr;
+  int64_t grid = 0;
+  int64_t capacity = 0;
+  int64_t key_dim = 0;
+  int64_t key_stride = 0;
+  int64_t value_dim = 0;
+  int64_t value_stride = 0;
+  const Placement* placement = nullptr;
+};
+
+struct MutableMemoryView {
+  float* keys = nullptr;
+  float* values = nullptr;
+  float* sq_norms = nullptr;  // may be null: not maintained
+  int64_t* written = nullptr;
+  int64_t grid = 0;
+  int64_t capacity = 0;
+  int64_t key_dim = 0;
+  int64_t key_stride = 0;
+  int64_t value_dim = 0;
+  int64_t value_stride = 0;
+  const Placement* placement = nullptr;
+
+  MemoryView as_const() const {
+    return MemoryView{keys,      values,     sq_norms,  written,      grid,     capacity,
+                      key_dim,   key_stride, value_dim, value_stride, placement};
+  }
+};
+
+struct SearchOptions {
+  int64_t k = 32;
+  double recall_target = 0.9;
+  Metric metric = Metric::kInnerProduct;
+};
+
+// Outputs of a search over Q queries per memory; every pointer is required
+// except keys/values (null: not gathered). Shapes:
+//   scores [G][Q][k] float, indices [G][Q][k] int64 (stream positions, -1 = none),
+//   mask [G][Q][k] bool, keys [G][Q][k][key_dim], values [G][Q][k][value_dim].
+// Entries are best first; empty entries hold -inf / -1 / false / zeros.
+struct SearchOutput {
+  float* scores = nullptr;
+  int64_t* indices = nullptr;
+  bool* mask = nullptr;
+  float* keys = nullptr;
+  float* values = nullptr;
+};
+
+// Queries are [G][Q][key_dim], contiguous. Runs on the shared thread pool.
+// Requires 1 <= k <= capacity and 0 < recall_target <= 1 (InvalidArgument).
+void search(const MemoryView& memory, const float* queries, int64_t num_queries,
+            const SearchOptions& options, const SearchOutput& out);
+
+// Appends T rows to every memory of the grid: new_keys [G][T][key_dim],
+// new_values [G][T][value_dim], contiguous. Only the last `capacity` rows of a
+// longer segment are stored, but `written` advances by T. Inputs are trusted
+// (front ends check shapes and finiteness first), so this cannot fail halfway.
+void add(const MutableMemoryView& memory, const float* new_keys, const float* new_values,
+         int64_t num_rows);
+
+// Stream position held by `slot` of a memory that has `written` rows, or -1
+// if the slot holds no live row.
+int64_t position_of_slot(const Placement& placement, int64_t written, int64_t slot);
+
+// ---------------------------------------------------------------------------
+// Thread pool shared by all searches and adds (created on first use with
+// std::thread::hardware_concurrency() workers, or KNNMEM_NUM_THREADS).
+void set_num_threads(int num_threads);
+int get_num_threads();
+
+// ---------------------------------------------------------------------------
+// A grid of memories with owned, 64-byte aligned storage.
+//
+// Thread safety: any number of `search` calls may run at once; `add` and
+// `clear` take the memory exclusively, so each call sees the memory entirely
+// before or entirely after any other call. Nothing is returned by reference
+// that a later call could change.
+class Memory {
+ public:
+  // Throws InvalidArgument for non-positive sizes, std::length_error when the
+  // byte size overflows, std::bad_alloc when it cannot be allocated.
+  Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
+         Metric metric = Metric::kInnerProduct);
+  ~Memory();
+  Memory(const Memory&) = delete;
+  Memory& operator=(const Memory&) = delete;
+
+  int64_t grid() const { return grid_; }
+  int64_t capacity() const { return capacity_; }
+  int64_t key_dim() const { return key_dim_; }
+  int64_t value_dim() const { return value_dim_; }
+  Metric metric() const { return metric_; }
+  // Bytes of storage held (keys, values, norms, counters, placement tables).
+  int64_t nbytes() const;
+  const Placement& placement() const { return *placement_; }
+
+  // See the free functions. Inputs are trusted here, as there.
+  void add(const float* new_keys, const float* new_values, int64_t num_rows);
+  void search(const float* queries, int64_t num_queries, int64_t k, double recall_target,
+              const SearchOutput& out) const;
+  // clear_mask: `grid` flags, or null for all. O(1) per memory.
+  void clear(const uint8_t* clear_mask);
+
+  // Per-memory counters, copied out under the lock.
+  std::vector<int64_t> written() const;
+  std::vector<int64_t> count() const;
+
+ private:
+  MutableMemoryView view_unlocked() const;
+
+  int64_t grid_, capacity_, key_dim_, key_stride_, value_dim_, value_stride_;
+  Metric metric_;
+  std::shared_ptr<const Placement> placement_;
+  float* keys_ = nullptr;
+  float* values_ = nullptr;
+  float* sq_norms_ = nullptr;
+  std::vector<int64_t> written_;
+  mutable std::shared_mutex mutex_;
+};
+
+}  // namespace knnmem

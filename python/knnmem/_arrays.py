@@ -1,0 +1,85 @@
+"""Conversion of numpy / torch / JAX arrays at the boundary of the API.
+
+Inputs of any of the three frameworks come in as float32 numpy arrays (a
+zero-copy view where the input already is one); results go back out in the
+framework the queries came from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def framework_of(x: Any) -> str:
+    """'torch', 'jax' or 'numpy', from the type's module (never imports either)."""
+    module = type(x).__module__
+    if module.startswith("torch"):
+        return "torch"
+    if module.startswith(("jax", "jaxlib")):
+        return "jax"
+    return "numpy"
+
+
+def as_float32(x: Any, name: str) -> np.ndarray:
+    """A C-contiguous float32 numpy array holding `x`; TypeError for non-floats."""
+    if framework_of(x) == "torch":
+        x = x.detach()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        x = x.cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.name not in _FLOAT_NAMES:
+        raise TypeError(
+            f"{name}: expected a floating-point array ({', '.join(_FLOAT_NAMES)}), "
+            f"got dtype {arr.dtype.name}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def to_framework(arr: np.ndarray, framework: str) -> Any:
+    if framework == "torch":
+        import torch
+
+        return torch.from_numpy(arr)
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(arr)
+    return arr
+
+
+def check_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """`value` as a Python int; TypeError for non-integers (bool included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_grid_array(
+    arr: np.ndarray,
+    name: str,
+    shape: tuple[int, ...],
+    rows: int | None,
+    last: int,
+    row_name: str,
+    last_name: str,
+) -> int:
+    """Checks arr is [*shape, rows, last]; returns rows (any count when None)."""
+    ok = (
+        arr.ndim == len(shape) + 2
+        and arr.shape[: len(shape)] == shape
+        and arr.shape[-1] == last
+        and (rows is None or arr.shape[-2] == rows)
+    )
+    if not ok:
+        spelled = [str(s) for s in shape]
+        spelled += [row_name if rows is None else f"{row_name}={rows}", f"{last_name}={last}"]
+        raise ValueError(f"{name}: expected shape ({', '.join(spelled)}), got {tuple(arr.shape)}")
+    return int(arr.shape[-2])

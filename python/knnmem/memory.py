@@ -1,0 +1,220 @@
+"""knnmem.Memory: a grid of FIFO key/value memories held by the C++ core."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _core
+from ._arrays import as_float32, check_grid_array, check_int, framework_of, to_framework
+
+KEY_DTYPES = ("float32",)
+METRICS = ("ip", "cosine", "l2")
+
+
+class SearchResult(NamedTuple):
+    """Top-k of each query, best first. Shapes for queries [*shape, Q, key_dim]:
+
+    scores  [*shape, Q, k] float32; -inf where no entry. For metric "l2" the
+            score is the negated squared distance (higher is nearer).
+    indices [*shape, Q, k] int64: position of the row in its memory's stream
+            (0 = first row added since the last clear); -1 where no entry.
+    keys    [*shape, Q, k, key_dim] float32 (zeros where no entry).
+    values  [*shape, Q, k, value_dim] float32 (zeros where no entry).
+    mask    [*shape, Q, k] bool: False where no entry (fewer than k rows held).
+    """
+
+    scores: Any
+    indices: Any
+    keys: Any
+    values: Any
+    mask: Any
+
+
+def normalize_shape(shape: Any) -> tuple[int, ...]:
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(
+            f"shape: expected an int or a tuple of ints, got {type(shape).__name__}"
+        ) from None
+    if len(dims) == 0:
+        raise ValueError("shape: expected at least one grid dimension, got ()")
+    return tuple(check_int(d, "shape", minimum=1) for d in dims)
+
+
+def check_search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]:
+    k = check_int(k, "k")
+    if not 1 <= k <= capacity:
+        raise ValueError(f"k: expected an integer in [1, capacity={capacity}], got {k}")
+    if isinstance(recall_target, bool) or not isinstance(recall_target, (int, float, np.number)):
+        raise TypeError(
+            f"recall_target: expected a number in (0, 1], got {type(recall_target).__name__}"
+        )
+    recall_target = float(recall_target)
+    if not (0.0 < recall_target <= 1.0):  # also rejects NaN
+        raise ValueError(f"recall_target: expected a number in (0, 1], got {recall_target}")
+    return k, recall_target
+
+
+def wrap_result(raw: tuple, shape: tuple[int, ...], framework: str) -> SearchResult:
+    """Reshapes the core's [G, Q, k, ...] arrays to [*shape, Q, k, ...]."""
+    out = []
+    for arr in raw:
+        arr = arr.reshape(shape + arr.shape[1:])
+        out.append(to_framework(arr, framework))
+    scores, indices, keys, values, mask = out
+    return SearchResult(scores, indices, keys, values, mask)
+
+
+class Memory:
+    """A grid of independent key/value memories, each a FIFO ring of `capacity` rows.
+
+    Args:
+        shape: int or tuple, the grid (e.g. (batch, heads)); one memory per cell.
+        capacity: rows each memory holds; older rows are overwritten first.
+        key_dim, value_dim: row widths (value_dim defaults to key_dim).
+        dtype: key storage. "float32" (bfloat16/float16/int8 are planned).
+            Values are stored as float32. Inputs of float16, bfloat16, float32 and
+            float64 are accepted and converted.
+        metric: "ip" (inner product), "cosine", or "l2" (scores are -|q - k|^2).
+
+    Thread safety: searches may run concurrently from many threads; add and
+    clear wait for running searches and vice versa, so every call sees the
+    memory wholly before or wholly after any other. The GIL is released while
+    the core works.
+    """
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...],
+        capacity: int = 65536,
+        key_dim: int = 128,
+        value_dim: int | None = None,
+        dtype: str = "float32",
+        metric: str = "ip",
+    ) -> None:
+        self._shape = normalize_shape(shape)
+        capacity = check_int(capacity, "capacity", minimum=1)
+        if capacity > 2**31 - 1:
+            raise ValueError(f"capacity: expected an integer in [1, 2147483647], got {capacity}")
+        key_dim = check_int(key_dim, "key_dim", minimum=1)
+        value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", minimum=1)
+        dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        if dtype not in KEY_DTYPES:
+            raise ValueError(
+                f"dtype: expected one of {KEY_DTYPES} (bfloat16, float16 and int8 key "
+                f"storage are not implemented yet), got {dtype!r}"
+            )
+        if metric not in METRICS:
+            raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+        self._dtype = dtype
+        self._core = _core.Memory(math.prod(self._shape), capacity, key_dim, value_dim, metric)
+
+    # -- description ------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def capacity(self) -> int:
+        return self._core.capacity
+
+    @property
+    def key_dim(self) -> int:
+        return self._core.key_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self._core.value_dim
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def metric(self) -> str:
+        return self._core.metric
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage the memory holds (allocated up front)."""
+        return self._core.nbytes
+
+    @property
+    def count(self) -> np.ndarray:
+        """[*shape] int64: rows each memory holds now (at most capacity)."""
+        return self._core.count.reshape(self._shape)
+
+    @property
+    def written(self) -> np.ndarray:
+        """[*shape] int64: rows added to each memory since its last clear,
+        evicted ones included; the next row added gets this position."""
+        return self._core.written.reshape(self._shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"knnmem.Memory(shape={self._shape}, capacity={self.capacity}, "
+            f"key_dim={self.key_dim}, value_dim={self.value_dim}, dtype={self._dtype!r}, "
+            f"metric={self.metric!r})"
+        )
+
+    # -- operations -------------------------------------------------------------
+    def add(self, keys: Any, values: Any) -> None:
+        """Appends a segment: keys [*shape, T, key_dim], values [*shape, T, value_dim].
+
+        FIFO per memory; if T > capacity only the last `capacity` rows are kept
+        (positions still advance by T). All-or-nothing: bad input raises and
+        changes nothing.
+        """
+        keys = as_float32(keys, "keys")
+        values = as_float32(values, "values")
+        t = check_grid_array(keys, "keys", self._shape, None, self.key_dim, "T", "key_dim")
+        check_grid_array(values, "values", self._shape, t, self.value_dim, "T", "value_dim")
+        grid = self._core.grid
+        self._core.add(
+            keys.reshape(grid, t, self.key_dim), values.reshape(grid, t, self.value_dim)
+        )
+
+    def search(self, queries: Any, k: int = 32, recall_target: float = 0.9) -> SearchResult:
+        """Approximate top-k of queries [*shape, Q, key_dim] in their memories.
+
+        recall_target: expected fraction of the exact top-k found, in (0, 1];
+        1.0 means exact search. See knnmem.eval.expected_recall.
+        """
+        framework = framework_of(queries)
+        k, recall_target = check_search_args(k, recall_target, self.capacity)
+        q = as_float32(queries, "queries")
+        nq = check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
+        raw = self._core.search(q.reshape(self._core.grid, nq, self.key_dim), k, recall_target)
+        return wrap_result(raw, self._shape, framework)
+
+    def clear(self, which: Any = None) -> None:
+        """Empties memories: all (None), a bool mask of the grid's shape, or indices
+        into the grid (anything numpy accepts as an index of a [*shape] array,
+        e.g. an int, a list of ints for a 1-D grid, or a tuple of index arrays).
+        O(1) per memory."""
+        if which is None:
+            self._core.clear(None)
+            return
+        mask = np.zeros(self._shape, dtype=bool)
+        arr = np.asarray(which) if not isinstance(which, tuple) else None
+        if arr is not None and arr.dtype == bool:
+            if arr.shape != self._shape:
+                raise ValueError(
+                    f"which: expected a bool mask of shape {self._shape}, got shape {arr.shape}"
+                )
+            mask = arr.copy()
+        else:
+            if arr is not None and arr.dtype.kind not in "iu":
+                raise TypeError(
+                    f"which: expected None, a bool mask or integer indices, got dtype {arr.dtype}"
+                )
+            try:
+                mask[which] = True
+            except IndexError as e:
+                raise IndexError(f"which: {e} (grid shape {self._shape})") from None
+        self._core.clear(np.ascontiguousarray(mask.reshape(-1)))
