@@ -40,8 +40,7 @@ void check_shape(const py::array& a, const char* name, const std::vector<int64_t
     ok = expected[i] < 0 || a.shape(static_cast<py::ssize_t>(i)) == expected[i];
   }
   if (!ok) {
-    throw InvalidArgument(std::string(name) + ": expected shape " + what + ", got " +
-                          shape_str(a));
+    throw InvalidArgument(std::string(name) + ": expected shape " + what + ", got " + shape_str(a));
   }
 }
 
@@ -53,7 +52,8 @@ void check_float32(const py::array& a, const char* name) {
   if (!(a.flags() & py::array::c_style)) {
     throw InvalidArgument(std::string(name) +
                           ": expected a C-contiguous array, got strides that are not; "
-                          "pass numpy.ascontiguousarray(" + name + ")");
+                          "pass numpy.ascontiguousarray(" +
+                          name + ")");
   }
 }
 
@@ -119,7 +119,9 @@ std::string dims(std::initializer_list<std::string> parts) {
   }
   return s + ")";
 }
-std::string named(const char* name, int64_t v) { return std::string(name) + "=" + std::to_string(v); }
+std::string named(const char* name, int64_t v) {
+  return std::string(name) + "=" + std::to_string(v);
+}
 
 // Allocates the result arrays and runs `run(out)` without the GIL.
 template <class Run>
@@ -150,8 +152,7 @@ RingArrays ring_view(const py::array& keys, const py::array& values, const py::a
   check_float32(keys, "keys");
   check_float32(values, "values");
   if (keys.ndim() != 3) {
-    throw InvalidArgument("keys: expected shape (grid, capacity, key_dim), got " +
-                          shape_str(keys));
+    throw InvalidArgument("keys: expected shape (grid, capacity, key_dim), got " + shape_str(keys));
   }
   const int64_t grid = keys.shape(0), capacity = keys.shape(1), key_dim = keys.shape(2);
   if (capacity < 1 || key_dim < 1) {
@@ -180,23 +181,23 @@ RingArrays ring_view(const py::array& keys, const py::array& values, const py::a
   }
   if (writeable) {
     for (auto [a, name] : {std::pair{&keys, "keys"}, {&values, "values"}, {&written, "written"}}) {
-      if (!a->writeable()) throw InvalidArgument(std::string(name) + ": expected a writeable array");
+      if (!a->writeable())
+        throw InvalidArgument(std::string(name) + ": expected a writeable array");
     }
   }
   RingArrays r;
   r.placement = knnmem::Placement::shared(capacity);
-  r.view = knnmem::MutableMemoryView{
-      static_cast<float*>(const_cast<void*>(keys.data())),
-      static_cast<float*>(const_cast<void*>(values.data())),
-      nullptr,
-      static_cast<int64_t*>(const_cast<void*>(written.data())),
-      grid,
-      capacity,
-      key_dim,
-      key_dim,
-      values.shape(2),
-      values.shape(2),
-      r.placement.get()};
+  r.view = knnmem::MutableMemoryView{static_cast<float*>(const_cast<void*>(keys.data())),
+                                     static_cast<float*>(const_cast<void*>(values.data())),
+                                     nullptr,
+                                     static_cast<int64_t*>(const_cast<void*>(written.data())),
+                                     grid,
+                                     capacity,
+                                     key_dim,
+                                     key_dim,
+                                     values.shape(2),
+                                     values.shape(2),
+                                     r.placement.get()};
   return r;
 }
 
@@ -233,19 +234,21 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("capacity", &knnmem::Memory::capacity)
       .def_property_readonly("key_dim", &knnmem::Memory::key_dim)
       .def_property_readonly("value_dim", &knnmem::Memory::value_dim)
-      .def_property_readonly("metric",
-                             [](const knnmem::Memory& self) { return knnmem::metric_name(self.metric()); })
+      .def_property_readonly(
+          "metric", [](const knnmem::Memory& self) { return knnmem::metric_name(self.metric()); })
       .def_property_readonly("nbytes", &knnmem::Memory::nbytes)
-      .def_property_readonly("written", [](const knnmem::Memory& self) { return to_numpy(self.written()); })
-      .def_property_readonly("count", [](const knnmem::Memory& self) { return to_numpy(self.count()); })
+      .def_property_readonly("written",
+                             [](const knnmem::Memory& self) { return to_numpy(self.written()); })
+      .def_property_readonly("count",
+                             [](const knnmem::Memory& self) { return to_numpy(self.count()); })
       .def(
           "add",
           [](knnmem::Memory& self, const py::array& keys, const py::array& values) {
             const int64_t G = self.grid();
             const int64_t T = keys.ndim() == 3 ? keys.shape(1) : -1;
-            const float* k = checked_input(
-                keys, "keys", {G, T, self.key_dim()},
-                dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
+            const float* k =
+                checked_input(keys, "keys", {G, T, self.key_dim()},
+                              dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
             const float* v = checked_input(
                 values, "values", {G, T, self.value_dim()},
                 dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
@@ -260,9 +263,9 @@ PYBIND11_MODULE(_core, m) {
             const int64_t G = self.grid();
             checked_k(k, self.capacity());
             checked_recall_target(recall_target);
-            const float* q = checked_input(
-                queries, "queries", {G, -1, self.key_dim()},
-                dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
+            const float* q =
+                checked_input(queries, "queries", {G, -1, self.key_dim()},
+                              dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
             const int64_t nq = queries.shape(1);
             return run_search(G, nq, k, self.key_dim(), self.value_dim(),
                               [&](const knnmem::SearchOutput& out) {
@@ -291,9 +294,9 @@ PYBIND11_MODULE(_core, m) {
         const knnmem::Metric parsed = knnmem::parse_metric(metric);
         checked_k(k, view.capacity);
         checked_recall_target(recall_target);
-        const float* q = checked_input(
-            queries, "queries", {view.grid, -1, view.key_dim},
-            dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
+        const float* q =
+            checked_input(queries, "queries", {view.grid, -1, view.key_dim},
+                          dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
         const int64_t nq = queries.shape(1);
         return run_search(view.grid, nq, k, view.key_dim, view.value_dim,
                           [&](const knnmem::SearchOutput& out) {
@@ -311,9 +314,9 @@ PYBIND11_MODULE(_core, m) {
         RingArrays ring = ring_view(keys, values, written, true);
         const knnmem::MutableMemoryView& view = ring.view;
         const int64_t T = new_keys.ndim() == 3 ? new_keys.shape(1) : -1;
-        const float* nk = checked_input(
-            new_keys, "new_keys", {view.grid, T, view.key_dim},
-            dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
+        const float* nk =
+            checked_input(new_keys, "new_keys", {view.grid, T, view.key_dim},
+                          dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
         const float* nv = checked_input(
             new_values, "new_values", {view.grid, T, view.value_dim},
             dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));

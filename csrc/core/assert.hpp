@@ -5,11 +5,10 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define KNNMEM_ASSERT(cond)                                                             \
-  do {                                                                                  \
-    if (!(cond)) {                                                                      \
-      std::fprintf(stderr, "knnmem: internal error: %s (%s:%d)\n", #cond, __FILE__, \
-                   __LINE__);                                                           \
-      std::abort();                                                                     \
-    }                                                                                   \
+#define KNNMEM_ASSERT(cond)                                                                    \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      std::fprintf(stderr, "knnmem: internal error: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
+      std::abort();                                                                            \
+    }                                                                                          \
   } while (0)

@@ -65,8 +65,7 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t slot = slot_of[(written + t) % m.capacity];
       const float* key = new_keys + (g * num_rows + t) * m.key_dim;
-      std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key,
-                  sizeof(float) * m.key_dim);
+      std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key, sizeof(float) * m.key_dim);
       std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
                   new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
       if (m.sq_norms) m.sq_norms[g * m.capacity + slot] = cpu::squared_norm(key, m.key_dim);
@@ -121,9 +120,10 @@ int64_t Memory::nbytes() const {
 }
 
 MutableMemoryView Memory::view_unlocked() const {
-  return MutableMemoryView{keys_,    values_,   sq_norms_,    const_cast<int64_t*>(written_.data()),
-                           grid_,    capacity_, key_dim_,     key_stride_,
-                           value_dim_, value_stride_, placement_.get()};
+  return MutableMemoryView{
+      keys_,      values_,       sq_norms_,       const_cast<int64_t*>(written_.data()),
+      grid_,      capacity_,     key_dim_,        key_stride_,
+      value_dim_, value_stride_, placement_.get()};
 }
 
 void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows) {

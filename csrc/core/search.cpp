@@ -189,8 +189,8 @@ void search_chunk(const Task& t, const float* queries, int64_t g, int64_t q0, in
 
     if (metric != Metric::kInnerProduct) {
       for (int64_t j = 0; j < nk; ++j) {
-        key_sq[j] = stored_sq ? stored_sq[s0 + j]
-                              : cpu::squared_norm(keys + (s0 + j) * m.key_stride, dim);
+        key_sq[j] =
+            stored_sq ? stored_sq[s0 + j] : cpu::squared_norm(keys + (s0 + j) * m.key_stride, dim);
       }
     }
     if (metric == Metric::kCosine) {
@@ -266,8 +266,7 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
             const SearchOptions& options, const SearchOutput& out) {
   if (options.k < 1 || options.k > memory.capacity) {
     throw InvalidArgument("k: expected an integer in [1, capacity=" +
-                          std::to_string(memory.capacity) + "], got " +
-                          std::to_string(options.k));
+                          std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
   }
   const int64_t num_bins = bins_for_recall(options.k, options.recall_target);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);

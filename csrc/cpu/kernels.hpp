@@ -19,7 +19,6 @@ float squared_norm(const float* x, int64_t dim);
 // tile[q * tile_stride + j] = <queries[q], keys[j]> for q < num_queries,
 // j < num_keys. queries rows are q_stride apart, key rows key_stride apart.
 void dot_tile(const float* queries, int64_t num_queries, int64_t q_stride, const float* keys,
-              int64_t num_keys, int64_t key_stride, int64_t dim, float* tile,
-              int64_t tile_stride);
+              int64_t num_keys, int64_t key_stride, int64_t dim, float* tile, int64_t tile_stride);
 
 }  // namespace knnmem::cpu

@@ -39,8 +39,7 @@ float squared_norm(const float* x, int64_t dim) {
 }
 
 void dot_tile(const float* queries, int64_t num_queries, int64_t q_stride, const float* keys,
-              int64_t num_keys, int64_t key_stride, int64_t dim, float* tile,
-              int64_t tile_stride) {
+              int64_t num_keys, int64_t key_stride, int64_t dim, float* tile, int64_t tile_stride) {
   constexpr int R = 4;
   for (int64_t j = 0; j < num_keys; ++j) {
     const float* key = keys + j * key_stride;

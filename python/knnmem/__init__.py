@@ -1,9 +1,9 @@
 """knnmem: approximate kNN key/value memories for kNN-augmented attention.
 
-    mem = knnmem.Memory(shape=(batch, heads), capacity=65536, key_dim=128)
-    mem.add(keys, values)                    # [*shape, T, d] each, FIFO
-    res = mem.search(queries, k=32, recall_target=0.9)
-    res.scores, res.indices, res.keys, res.values, res.mask
+mem = knnmem.Memory(shape=(batch, heads), capacity=65536, key_dim=128)
+mem.add(keys, values)                    # [*shape, T, d] each, FIFO
+res = mem.search(queries, k=32, recall_target=0.9)
+res.scores, res.indices, res.keys, res.values, res.mask
 """
 
 from . import eval, ops

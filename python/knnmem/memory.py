@@ -175,9 +175,7 @@ class Memory:
         t = check_grid_array(keys, "keys", self._shape, None, self.key_dim, "T", "key_dim")
         check_grid_array(values, "values", self._shape, t, self.value_dim, "T", "value_dim")
         grid = self._core.grid
-        self._core.add(
-            keys.reshape(grid, t, self.key_dim), values.reshape(grid, t, self.value_dim)
-        )
+        self._core.add(keys.reshape(grid, t, self.key_dim), values.reshape(grid, t, self.value_dim))
 
     def search(self, queries: Any, k: int = 32, recall_target: float = 0.9) -> SearchResult:
         """Approximate top-k of queries [*shape, Q, key_dim] in their memories.

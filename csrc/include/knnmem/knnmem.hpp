@@ -115,8 +115,8 @@ struct MutableMemoryView {
   const Placement* placement = nullptr;
 
   MemoryView as_const() const {
-    return MemoryView{keys,      values,     sq_norms,  written,      grid,     capacity,
-                      key_dim,   key_stride, value_dim, value_stride, placement};
+    return MemoryView{keys,    values,     sq_norms,  written,      grid,     capacity,
+                      key_dim, key_stride, value_dim, value_stride, placement};
   }
 };
 

@@ -1,0 +1,128 @@
+// C++ tests of the knnmem core through its public header only.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "knnmem/knnmem.hpp"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                 \
+  do {                                                              \
+    if (!(cond)) {                                                  \
+      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                   \
+    }                                                               \
+  } while (0)
+
+struct Results {
+  std::vector<float> scores;
+  std::vector<int64_t> indices;
+  std::vector<char> mask;
+  std::vector<float> keys;
+  std::vector<float> values;
+};
+
+Results run(const knnmem::Memory& m, const std::vector<float>& q, int64_t nq, int64_t k,
+            double target) {
+  const int64_t n = m.grid() * nq * k;
+  Results r{std::vector<float>(n), std::vector<int64_t>(n), std::vector<char>(n),
+            std::vector<float>(n * m.key_dim()), std::vector<float>(n * m.value_dim())};
+  m.search(q.data(), nq, k, target,
+           {r.scores.data(), r.indices.data(), reinterpret_cast<bool*>(r.mask.data()),
+            r.keys.data(), r.values.data()});
+  return r;
+}
+
+void test_recall_model() {
+  CHECK(knnmem::bins_for_recall(32, 0.9) == 145);
+  CHECK(knnmem::bins_for_recall(32, 0.95) == 300);
+  CHECK(knnmem::bins_for_recall(32, 1.0) == 0);
+  CHECK(std::abs(knnmem::expected_recall(145, 32) - 0.90012) < 1e-4);
+  bool threw = false;
+  try {
+    knnmem::bins_for_recall(32, 1.5);
+  } catch (const knnmem::InvalidArgument& e) {
+    threw = std::string(e.what()).rfind("recall_target:", 0) == 0;
+  }
+  CHECK(threw);
+}
+
+// Exact search against brute force over a wrapped ring, then recall of the
+// approximate search against it.
+void test_search() {
+  const int64_t capacity = 5000, dim = 24, rows = 7000, nq = 200, k = 16;
+  knnmem::Memory m(1, capacity, dim, 1);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> keys(rows * dim), values(rows), q(nq * dim);
+  for (float& x : keys) x = normal(rng);
+  for (float& x : q) x = normal(rng);
+  std::iota(values.begin(), values.end(), 0.0f);
+  m.add(keys.data(), values.data(), 3000);
+  m.add(keys.data() + 3000 * dim, values.data() + 3000, rows - 3000);
+  CHECK(m.written()[0] == rows && m.count()[0] == capacity);
+
+  Results exact = run(m, q, nq, k, 1.0);
+  Results approx = run(m, q, nq, k, 0.9);
+  int64_t hits = 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    std::vector<std::pair<float, int64_t>> all;
+    for (int64_t p = rows - capacity; p < rows; ++p) {
+      float s = 0;
+      for (int64_t j = 0; j < dim; ++j) s += q[i * dim + j] * keys[p * dim + j];
+      all.push_back({s, p});
+    }
+    std::partial_sort(all.begin(), all.begin() + k, all.end(),
+                      [](auto a, auto b) { return a.first > b.first; });
+    std::set<int64_t> truth;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t o = i * k + j;
+      CHECK(std::abs(exact.scores[o] - all[j].first) < 1e-4f);
+      CHECK(exact.values[o] == static_cast<float>(exact.indices[o]));  // value = position
+      truth.insert(exact.indices[o]);
+    }
+    for (int64_t j = 0; j < k; ++j) hits += truth.count(approx.indices[i * k + j]);
+  }
+  const double recall = static_cast<double>(hits) / (nq * k);
+  const double predicted = knnmem::expected_recall(knnmem::bins_for_recall(k, 0.9), k);
+  std::printf("recall %.4f, predicted %.4f\n", recall, predicted);
+  CHECK(std::abs(recall - predicted) < 0.03);
+}
+
+void test_clear_and_bad_k() {
+  knnmem::Memory m(3, 10, 2, 2);
+  std::vector<float> rows(3 * 4 * 2, 1.0f);
+  m.add(rows.data(), rows.data(), 4);
+  const uint8_t which[3] = {0, 1, 0};
+  m.clear(which);
+  CHECK((m.count() == std::vector<int64_t>{4, 0, 4}));
+  std::vector<float> q(3 * 2, 1.0f);
+  Results r = run(m, q, 1, 5, 0.9);
+  CHECK(r.mask[0] && !r.mask[4] && !r.mask[5] && r.indices[5] == -1);
+  bool threw = false;
+  try {
+    run(m, q, 1, 11, 0.9);
+  } catch (const knnmem::InvalidArgument& e) {
+    threw = std::string(e.what()).rfind("k:", 0) == 0;
+  }
+  CHECK(threw);
+}
+
+}  // namespace
+
+int main() {
+  test_recall_model();
+  test_search();
+  test_clear_and_bad_k();
+  std::printf(failures ? "%d checks failed\n" : "all checks passed\n", failures);
+  return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,94 @@
+"""Exact search (recall_target=1.0) equals a float64 numpy reference."""
+
+from __future__ import annotations
+
+import knnmem
+import numpy as np
+import pytest
+from conftest import Stream, score_tol, untied
+from knnmem.eval import exact_search
+
+
+def check_exact(stream: Stream, queries: np.ndarray, k: int) -> None:
+    mem = stream.mem
+    res = mem.search(queries, k=k, recall_target=1.0)
+    grid = int(np.prod(mem.shape))
+    q = queries.reshape(grid, -1, mem.key_dim)
+    for cell in range(grid):
+        keys, values, first = stream.live(cell)
+        at = np.unravel_index(cell, mem.shape)
+        # One more than k, so a tie with the first row left out is seen.
+        ext_s, ext_i = exact_search(keys, q[cell], k + 1, metric=mem.metric)
+        ref_s, ref_i = ext_s[:, :k], ext_i[:, :k]
+        tol = score_tol(keys, q[cell])
+        got_s, got_i = res.scores[at], res.indices[at]
+        live = np.isfinite(ref_s)
+        np.testing.assert_array_equal(res.mask[at], live)
+        np.testing.assert_allclose(got_s[live], ref_s[live], rtol=0, atol=tol)
+        assert np.all(got_s[~live] == -np.inf) and np.all(got_i[~live] == -1)
+        sure = untied(ext_s, tol)[:, :k]
+        np.testing.assert_array_equal(got_i[sure], ref_i[sure] + first)
+        # Keys and values are the rows at the returned positions.
+        rows = np.where(live, got_i - first, 0)
+        np.testing.assert_array_equal(res.keys[at][live], keys[rows][live])
+        np.testing.assert_array_equal(res.values[at][live], values[rows][live])
+        assert np.all(res.keys[at][~live] == 0) and np.all(res.values[at][~live] == 0)
+        # Best first.
+        assert np.all(np.diff(np.maximum(got_s, np.finfo(np.float32).min), axis=-1) <= 0)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("d", [1, 3, 59, 128])
+@pytest.mark.parametrize("capacity", [1, 7, 1000])
+def test_exact_matches_numpy(metric: str, d: int, capacity: int) -> None:
+    rng = np.random.default_rng(d * 1000 + capacity)
+    mem = knnmem.Memory((2,), capacity=capacity, key_dim=d, value_dim=5, metric=metric)
+    stream = Stream(mem)
+    # Segments that under-fill, fill and wrap the ring.
+    for t in (capacity // 2 + 1, 3, 2 * capacity + 1):
+        stream.add(
+            rng.standard_normal((2, t, d)).astype(np.float32),
+            rng.standard_normal((2, t, 5)).astype(np.float32),
+        )
+        queries = rng.standard_normal((2, 9, d)).astype(np.float32)
+        for k in sorted({1, min(5, capacity), capacity}):
+            check_exact(stream, queries, k)
+
+
+def test_exact_with_fewer_rows_than_k() -> None:
+    rng = np.random.default_rng(5)
+    mem = knnmem.Memory((3,), capacity=64, key_dim=8, value_dim=2)
+    stream = Stream(mem)
+    stream.add(rng.standard_normal((3, 5, 8)), rng.standard_normal((3, 5, 2)))
+    check_exact(stream, rng.standard_normal((3, 4, 8)).astype(np.float32), k=12)
+
+
+def test_approximate_search_is_exact_when_bins_cover_the_memory() -> None:
+    # L = bins_for_recall(32, 0.9) = 145 >= 100 rows held: the search is exact.
+    rng = np.random.default_rng(6)
+    mem = knnmem.Memory(1, capacity=100, key_dim=16, value_dim=16)
+    stream = Stream(mem)
+    stream.add(rng.standard_normal((1, 100, 16)), rng.standard_normal((1, 100, 16)))
+    q = rng.standard_normal((1, 20, 16)).astype(np.float32)
+    exact = mem.search(q, k=32, recall_target=1.0)
+    approx = mem.search(q, k=32, recall_target=0.9)
+    np.testing.assert_array_equal(approx.indices, exact.indices)
+    np.testing.assert_array_equal(approx.scores, exact.scores)
+
+
+def test_metric_scores_on_known_vectors() -> None:
+    keys = np.array([[[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]]], np.float32)
+    q = np.array([[[2.0, 0.0]]], np.float32)
+    values = np.eye(3, dtype=np.float32)[None]
+    expect = {
+        "ip": ([6.0, 2.0, 0.0], [0, 1, 2]),
+        "cosine": ([1.0, 0.6, 0.0], [1, 0, 2]),
+        "l2": ([-1.0, -4.0, -17.0], [1, 2, 0]),
+    }
+    for metric, (scores, order) in expect.items():
+        mem = knnmem.Memory(1, capacity=3, key_dim=2, value_dim=3, metric=metric)
+        mem.add(keys, values)
+        res = mem.search(q, k=3, recall_target=1.0)
+        np.testing.assert_allclose(res.scores[0, 0], scores, rtol=1e-6)
+        np.testing.assert_array_equal(res.indices[0, 0], order)
+        np.testing.assert_array_equal(res.values[0, 0], values[0][order])

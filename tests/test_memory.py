@@ -1,0 +1,173 @@
+"""FIFO order, wrap-around, clear, positions, empty memories, and the functional ops."""
+
+from __future__ import annotations
+
+import knnmem
+import numpy as np
+import pytest
+from conftest import Stream
+
+
+def rows(rng: np.random.Generator, shape: tuple, t: int, d: int) -> np.ndarray:
+    return rng.standard_normal((*shape, t, d)).astype(np.float32)
+
+
+def held(mem: knnmem.Memory, cell: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, keys, values) a memory holds, read back by an exact search of
+    k=capacity with a zero query (every live row scores 0 and is returned)."""
+    q = np.zeros((*mem.shape, 1, mem.key_dim), np.float32)
+    res = mem.search(q, k=mem.capacity, recall_target=1.0)
+    m = res.mask[cell][0]
+    order = np.argsort(res.indices[cell][0][m])
+    return (
+        res.indices[cell][0][m][order],
+        res.keys[cell][0][m][order],
+        res.values[cell][0][m][order],
+    )
+
+
+def test_fifo_order_and_wrap_around() -> None:
+    rng = np.random.default_rng(0)
+    mem = knnmem.Memory((2, 2), capacity=10, key_dim=3, value_dim=2)
+    stream = Stream(mem)
+    total = 0
+    for t in (4, 0, 5, 3, 11, 25, 1):
+        stream.add(rows(rng, (2, 2), t, 3), rows(rng, (2, 2), t, 2))
+        total += t
+        np.testing.assert_array_equal(mem.written, np.full((2, 2), total))
+        np.testing.assert_array_equal(mem.count, np.full((2, 2), min(total, 10)))
+        for cell in np.ndindex(2, 2):
+            keys, values, first = stream.live(int(np.ravel_multi_index(cell, (2, 2))))
+            pos, k, v = held(mem, cell)
+            np.testing.assert_array_equal(pos, np.arange(first, total))
+            np.testing.assert_array_equal(k, keys)
+            np.testing.assert_array_equal(v, values)
+
+
+def test_segment_longer_than_capacity_keeps_the_last_rows() -> None:
+    rng = np.random.default_rng(1)
+    mem = knnmem.Memory(1, capacity=7, key_dim=4, value_dim=4)
+    keys = rows(rng, (1,), 30, 4)
+    mem.add(keys, keys)
+    pos, k, _ = held(mem, (0,))
+    np.testing.assert_array_equal(pos, np.arange(23, 30))
+    np.testing.assert_array_equal(k, keys[0, 23:])
+    assert mem.written[0] == 30 and mem.count[0] == 7
+
+
+@pytest.mark.parametrize(
+    "which, cleared",
+    [
+        (None, [0, 1, 2, 3, 4, 5]),
+        (np.array([[True, False, False], [False, False, True]]), [0, 5]),
+        ((1, 2), [5]),
+        (([0, 1], [1, 0]), [1, 3]),
+        (1, [3, 4, 5]),
+        ([0], [0, 1, 2]),
+        (-1, [3, 4, 5]),
+    ],
+)
+def test_clear_single_memories(which, cleared: list[int]) -> None:
+    rng = np.random.default_rng(2)
+    mem = knnmem.Memory((2, 3), capacity=16, key_dim=5, value_dim=1)
+    stream = Stream(mem)
+    stream.add(rows(rng, (2, 3), 20, 5), rows(rng, (2, 3), 20, 1))
+    before = {cell: held(mem, cell) for cell in np.ndindex(2, 3)}
+    mem.clear(which)
+    for flat, cell in enumerate(np.ndindex(2, 3)):
+        if flat in cleared:
+            assert mem.count[cell] == 0 and mem.written[cell] == 0
+            assert held(mem, cell)[0].size == 0
+        else:
+            assert mem.count[cell] == 16 and mem.written[cell] == 20
+            for a, b in zip(held(mem, cell), before[cell]):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_positions_restart_after_clear() -> None:
+    rng = np.random.default_rng(3)
+    mem = knnmem.Memory(2, capacity=8, key_dim=2, value_dim=2)
+    mem.add(rows(rng, (2,), 13, 2), rows(rng, (2,), 13, 2))
+    mem.clear([0])
+    new = rows(rng, (2,), 3, 2)
+    mem.add(new, new)
+    pos, k, _ = held(mem, (0,))
+    np.testing.assert_array_equal(pos, [0, 1, 2])
+    np.testing.assert_array_equal(k, new[0])
+    pos, _, _ = held(mem, (1,))
+    np.testing.assert_array_equal(pos, np.arange(8, 16))
+
+
+def test_empty_and_partly_filled_memories() -> None:
+    rng = np.random.default_rng(4)
+    mem = knnmem.Memory((3,), capacity=100, key_dim=6, value_dim=3)
+    q = rows(rng, (3,), 4, 6)
+    res = mem.search(q, k=5)
+    assert res.scores.shape == (3, 4, 5) and res.keys.shape == (3, 4, 5, 6)
+    assert res.values.shape == (3, 4, 5, 3)
+    assert np.all(res.scores == -np.inf) and np.all(res.indices == -1)
+    assert not res.mask.any() and not res.keys.any() and not res.values.any()
+    mem.add(rows(rng, (3,), 2, 6), rows(rng, (3,), 2, 3))
+    res = mem.search(q, k=5, recall_target=0.5)
+    assert res.mask[..., :2].all() and not res.mask[..., 2:].any()
+    assert np.all(res.indices[..., 2:] == -1) and np.all(res.indices[..., :2] >= 0)
+    assert np.all(np.isfinite(res.scores[..., :2]))
+
+
+def test_search_with_no_queries_and_add_with_no_rows() -> None:
+    mem = knnmem.Memory((2,), capacity=4, key_dim=3, value_dim=3)
+    mem.add(np.zeros((2, 0, 3)), np.zeros((2, 0, 3)))
+    assert mem.written.tolist() == [0, 0]
+    res = mem.search(np.zeros((2, 0, 3), np.float32), k=2)
+    assert res.indices.shape == (2, 0, 2) and res.keys.shape == (2, 0, 2, 3)
+
+
+def test_description() -> None:
+    mem = knnmem.Memory((2, 8), capacity=64, key_dim=33, value_dim=7, metric="cosine")
+    assert mem.shape == (2, 8) and mem.capacity == 64 and mem.key_dim == 33
+    assert mem.value_dim == 7 and mem.dtype == "float32" and mem.metric == "cosine"
+    assert mem.count.shape == (2, 8) and mem.count.dtype == np.int64
+    # 64-byte aligned rows: key_dim 33 is stored in 48 floats.
+    assert mem.nbytes >= 16 * 64 * (48 + 7 + 1) * 4
+    assert knnmem.Memory(3, capacity=5, key_dim=2).value_dim == 2
+    assert "capacity=64" in repr(mem)
+
+
+def test_placement_is_a_blockwise_permutation() -> None:
+    block = knnmem._core.PLACEMENT_BLOCK
+    for capacity in (1, 7, 1000, block + 1234):
+        slot_of, offset_of = knnmem.ops.placement(capacity)
+        np.testing.assert_array_equal(np.sort(slot_of), np.arange(capacity))
+        np.testing.assert_array_equal(offset_of[slot_of], np.arange(capacity))
+        np.testing.assert_array_equal(slot_of // block, np.arange(capacity) // block)
+    slot_of, _ = knnmem.ops.placement(1000)
+    assert np.mean(np.diff(slot_of) == 1) < 0.05  # not the identity in disguise
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("target", [0.9, 1.0])
+def test_ops_equal_memory(metric: str, target: float) -> None:
+    rng = np.random.default_rng(5)
+    shape, capacity, d, dv = (2, 3), 300, 59, 5
+    mem = knnmem.Memory(shape, capacity=capacity, key_dim=d, value_dim=dv, metric=metric)
+    keys, values, written = knnmem.ops.init(shape, capacity, d, dv)
+    for t in (100, 250, 7):
+        k, v = rows(rng, shape, t, d), rows(rng, shape, t, dv)
+        mem.add(k, v)
+        knnmem.ops.add(keys, values, written, k, v)
+        np.testing.assert_array_equal(written, mem.written)
+        q = rows(rng, shape, 33, d)
+        a = mem.search(q, k=40, recall_target=target)
+        b = knnmem.ops.search(keys, values, written, q, k=40, recall_target=target, metric=metric)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_results_follow_the_queries_framework() -> None:
+    torch = pytest.importorskip("torch")
+    mem = knnmem.Memory(1, capacity=8, key_dim=4)
+    x = np.eye(4, dtype=np.float32)[None]
+    mem.add(torch.from_numpy(x), x)
+    res = mem.search(torch.from_numpy(x), k=1)
+    assert isinstance(res.indices, torch.Tensor)
+    assert res.indices[0, :, 0].tolist() == [0, 1, 2, 3]
