@@ -187,17 +187,18 @@ RingArrays ring_view(const py::array& keys, const py::array& values, const py::a
   }
   RingArrays r;
   r.placement = knnmem::Placement::shared(capacity);
-  r.view = knnmem::MutableMemoryView{static_cast<float*>(const_cast<void*>(keys.data())),
-                                     static_cast<float*>(const_cast<void*>(values.data())),
-                                     nullptr,
-                                     static_cast<int64_t*>(const_cast<void*>(written.data())),
-                                     grid,
-                                     capacity,
-                                     key_dim,
-                                     key_dim,
-                                     values.shape(2),
-                                     values.shape(2),
-                                     r.placement.get()};
+  knnmem::MutableMemoryView& v = r.view;
+  v.keys = static_cast<float*>(const_cast<void*>(keys.data()));
+  v.values = static_cast<float*>(const_cast<void*>(values.data()));
+  v.written = static_cast<int64_t*>(const_cast<void*>(written.data()));
+  v.grid = grid;
+  v.capacity = capacity;
+  v.key_dim = key_dim;
+  v.key_stride = key_dim;
+  v.value_dim = values.shape(2);
+  v.value_stride = values.shape(2);
+  v.key_layout = knnmem::KeyLayout::kRows;
+  v.placement = r.placement.get();
   return r;
 }
 
@@ -340,6 +341,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("expected_recall", &knnmem::expected_recall, py::arg("num_bins"), py::arg("k"));
   m.def("bins_for_recall", &knnmem::bins_for_recall, py::arg("k"), py::arg("recall_target"));
   m.def("set_num_threads", &knnmem::set_num_threads, py::arg("num_threads"));
+  m.def("set_kernel", &knnmem::set_kernel, py::arg("name"),
+        "Force a CPU kernel variant ('avx512', 'avx2', 'portable'); '' = automatic.");
+  m.def("get_kernel", &knnmem::get_kernel);
+  m.def("supported_kernels", &knnmem::supported_kernels);
   m.def("get_num_threads", &knnmem::get_num_threads);
   m.attr("PLACEMENT_BLOCK") = knnmem::Placement::kPlacementBlock;
 }

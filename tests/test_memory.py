@@ -127,8 +127,8 @@ def test_description() -> None:
     assert mem.shape == (2, 8) and mem.capacity == 64 and mem.key_dim == 33
     assert mem.value_dim == 7 and mem.dtype == "float32" and mem.metric == "cosine"
     assert mem.count.shape == (2, 8) and mem.count.dtype == np.int64
-    # 64-byte aligned rows: key_dim 33 is stored in 48 floats.
-    assert mem.nbytes >= 16 * 64 * (48 + 7 + 1) * 4
+    # float32 keys, a norm term per slot and values; counters; placement tables.
+    assert mem.nbytes == 16 * 64 * (33 + 1 + 7) * 4 + 16 * 8 + 64 * 8
     assert knnmem.Memory(3, capacity=5, key_dim=2).value_dim == 2
     assert "capacity=64" in repr(mem)
 

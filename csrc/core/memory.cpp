@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -15,8 +16,6 @@ namespace {
 
 constexpr int64_t kAlign = 64;
 constexpr int64_t kAddChunk = 4096;  // rows per add task
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Product of sizes in bytes; throws std::length_error naming the sizes when
 // it does not fit in a signed 64-bit count.
@@ -46,6 +45,12 @@ void free_aligned(float* p) {
   if (p != nullptr) std::free(reinterpret_cast<void**>(p)[-1]);
 }
 
+float aux_of(Metric metric, float sq) {
+  if (metric == Metric::kL2) return sq;
+  if (metric == Metric::kCosine) return sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f;
+  return 0.0f;
+}
+
 }  // namespace
 
 void add(const MutableMemoryView& m, const float* new_keys, const float* new_values,
@@ -57,6 +62,7 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
   const int64_t first = std::max<int64_t>(0, num_rows - m.capacity);
   const int64_t chunks = (num_rows - first + kAddChunk - 1) / kAddChunk;
   const int32_t* slot_of = m.placement->slot_of();
+  const int64_t padded = padded_capacity(m.capacity);
   detail::parallel_for(static_cast<std::size_t>(m.grid * chunks), [&](std::size_t i) {
     const int64_t g = static_cast<int64_t>(i) / chunks;
     const int64_t t0 = first + (static_cast<int64_t>(i) % chunks) * kAddChunk;
@@ -65,23 +71,27 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t slot = slot_of[(written + t) % m.capacity];
       const float* key = new_keys + (g * num_rows + t) * m.key_dim;
-      std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key, sizeof(float) * m.key_dim);
+      if (m.key_layout == KeyLayout::kRows) {
+        std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key,
+                    sizeof(float) * m.key_dim);
+      } else {
+        float* panel = m.keys + (g * padded + slot / kPanelSlots * kPanelSlots) * m.key_dim;
+        for (int64_t d = 0; d < m.key_dim; ++d) {
+          panel[d * kPanelSlots + slot % kPanelSlots] = key[d];
+        }
+      }
       std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
                   new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
-      if (m.sq_norms) m.sq_norms[g * m.capacity + slot] = cpu::squared_norm(key, m.key_dim);
+      if (m.key_aux) {
+        m.key_aux[g * padded + slot] = aux_of(m.aux_metric, cpu::squared_norm(key, m.key_dim));
+      }
     }
   });
   for (int64_t g = 0; g < m.grid; ++g) m.written[g] += num_rows;
 }
 
 Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric)
-    : grid_(grid),
-      capacity_(capacity),
-      key_dim_(key_dim),
-      key_stride_(round_up(key_dim, kAlign / 4)),
-      value_dim_(value_dim),
-      value_stride_(value_dim),
-      metric_(metric) {
+    : grid_(grid), capacity_(capacity), key_dim_(key_dim), value_dim_(value_dim), metric_(metric) {
   auto positive = [](int64_t v, const char* name) {
     if (v < 1) {
       throw InvalidArgument(std::string(name) + ": expected an integer >= 1, got " +
@@ -93,14 +103,15 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
   positive(key_dim, "key_dim");
   positive(value_dim, "value_dim");
   // Check every size before allocating anything.
-  const int64_t key_bytes = checked_bytes(grid, capacity, key_stride_, "keys");
-  const int64_t value_bytes = checked_bytes(grid, capacity, value_stride_, "values");
-  const int64_t norm_bytes = checked_bytes(grid, capacity, 1, "norms");
+  const int64_t padded = padded_capacity(capacity);
+  const int64_t key_bytes = checked_bytes(grid, padded, key_dim, "keys");
+  const int64_t value_bytes = checked_bytes(grid, capacity, value_dim, "values");
+  const int64_t aux_bytes = checked_bytes(grid, padded, 1, "norms");
   placement_ = Placement::shared(capacity);
   try {
     keys_ = alloc_zeroed(key_bytes);
     values_ = alloc_zeroed(value_bytes);
-    sq_norms_ = alloc_zeroed(norm_bytes);
+    key_aux_ = alloc_zeroed(aux_bytes);
   } catch (...) {
     free_aligned(keys_);
     free_aligned(values_);
@@ -112,18 +123,30 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
 Memory::~Memory() {
   free_aligned(keys_);
   free_aligned(values_);
-  free_aligned(sq_norms_);
+  free_aligned(key_aux_);
 }
 
 int64_t Memory::nbytes() const {
-  return 4 * grid_ * capacity_ * (key_stride_ + value_stride_ + 1) + 8 * grid_ + 8 * capacity_;
+  return 4 * grid_ * (padded_capacity(capacity_) * (key_dim_ + 1) + capacity_ * value_dim_) +
+         8 * grid_ + 8 * capacity_;
 }
 
 MutableMemoryView Memory::view_unlocked() const {
-  return MutableMemoryView{
-      keys_,      values_,       sq_norms_,       const_cast<int64_t*>(written_.data()),
-      grid_,      capacity_,     key_dim_,        key_stride_,
-      value_dim_, value_stride_, placement_.get()};
+  MutableMemoryView v;
+  v.keys = keys_;
+  v.values = values_;
+  v.key_aux = key_aux_;
+  v.written = const_cast<int64_t*>(written_.data());  // written only under the exclusive lock
+  v.grid = grid_;
+  v.capacity = capacity_;
+  v.key_dim = key_dim_;
+  v.key_stride = key_dim_;
+  v.value_dim = value_dim_;
+  v.value_stride = value_dim_;
+  v.key_layout = KeyLayout::kPanels;
+  v.aux_metric = metric_;
+  v.placement = placement_.get();
+  return v;
 }
 
 void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows) {

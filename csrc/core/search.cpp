@@ -1,11 +1,11 @@
-// Search: fused scoring + strided-bin partial reduction, then exact top-k of
-// the bin winners and the gather of keys and values.
+// Search: a task per (memory, block of queries, range of slots) runs the
+// active CPU kernel (fused scoring + strided-bin or exact top-k reduction, see
+// cpu/kernels.hpp); ranges of one memory are merged bin by bin, then the exact
+// top-k of the bin winners is selected and keys/values are gathered.
 //
-// Work is split into tasks of (memory, block of queries). A task walks the
-// memory's live slots in blocks of kKeyBlock, scores the block against its
-// queries into a small tile that stays in L1, and folds the tile into its
-// reducer: per-bin running max (approximate) or a thresholded candidate
-// buffer (exact). No score matrix over all slots is ever built.
+// Results do not depend on the number of threads or ranges: a bin keeps the
+// highest score and, among equal scores, the lowest slot, which is what one
+// ascending scan keeps too; the final order is (score desc, slot asc).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -21,8 +21,10 @@
 namespace knnmem {
 namespace {
 
-constexpr int64_t kQueryChunk = 32;  // queries per task
-constexpr int64_t kKeyBlock = 128;   // slots per scored tile
+constexpr int64_t kMaxQueryChunk = 48;       // queries per task (a multiple of the tile heights)
+constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-layout keys
+constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
+constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of exact-mode buffers per task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Candidate {
@@ -30,40 +32,14 @@ struct Candidate {
   int32_t slot;
 };
 
-// Best first; equal scores by slot so the order is total and deterministic.
 inline bool better(const Candidate& a, const Candidate& b) {
   return a.score > b.score || (a.score == b.score && a.slot < b.slot);
 }
 
-// Keeps the best `k` of what it is offered, in a buffer that is compacted
-// with nth_element whenever it fills up.
-class TopK {
- public:
-  explicit TopK(int64_t k) : k_(k), limit_(std::max<int64_t>(2 * k, 256)) {
-    buf_.reserve(static_cast<std::size_t>(limit_));
-  }
-  void offer(float score, int32_t slot) {
-    if (!(score > threshold_)) return;
-    buf_.push_back({score, slot});
-    if (static_cast<int64_t>(buf_.size()) == limit_) compact();
-  }
-  std::vector<Candidate>& candidates() { return buf_; }
-
- private:
-  void compact() {
-    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better);
-    buf_.resize(static_cast<std::size_t>(k_));
-    threshold_ = buf_[static_cast<std::size_t>(k_ - 1)].score;
-  }
-  int64_t k_, limit_;
-  float threshold_ = kNegInf;
-  std::vector<Candidate> buf_;
-};
-
-// Which slots a memory's search must visit. Rows fill placement blocks in
-// order, so a memory that has not wrapped has written whole blocks
-// [0, masked_begin) and part of the block [masked_begin, end): there a slot
-// is live only if the stream offset it holds is < written.
+// Which slots a memory's search visits. Rows fill placement blocks in order,
+// so a memory that has not wrapped has written whole blocks [0, masked_begin)
+// and part of the block [masked_begin, end): there a slot is live only if the
+// stream offset it holds is < written.
 struct ScanRange {
   int64_t end = 0;
   int64_t masked_begin = 0;
@@ -77,81 +53,63 @@ ScanRange scan_range(int64_t capacity, int64_t written) {
   return {end, full};
 }
 
-struct Task {
+// Reduction state of one task: bins or exact top-k buffers, per query.
+struct Partial {
+  std::vector<float> best;
+  std::vector<int32_t> slot;
+  std::vector<float> tk_scores;
+  std::vector<int32_t> tk_slots;
+  std::vector<int64_t> tk_sizes;
+  std::vector<float> tk_thresholds;
+  cpu::TopKBuffers topk;
+
+  void init(int64_t nq, int64_t num_bins, int64_t k) {
+    if (num_bins > 0) {
+      best.assign(static_cast<std::size_t>(nq * num_bins), kNegInf);
+      slot.assign(static_cast<std::size_t>(nq * num_bins), -1);
+      return;
+    }
+    const int64_t cap = std::max<int64_t>(2 * k, 256);
+    tk_scores.resize(static_cast<std::size_t>(nq * cap));
+    tk_slots.resize(static_cast<std::size_t>(nq * cap));
+    tk_sizes.assign(static_cast<std::size_t>(nq), 0);
+    tk_thresholds.assign(static_cast<std::size_t>(nq), kNegInf);
+    topk = {tk_scores.data(), tk_slots.data(), tk_sizes.data(), tk_thresholds.data(), cap, k};
+  }
+};
+
+struct Plan {
   const MemoryView* m;
   const SearchOptions* opt;
   const SearchOutput* out;
+  const float* queries;
   int64_t num_queries;  // per memory
   int64_t num_bins;     // 0 = exact
+  int64_t q_chunk;
+  int64_t chunks;  // query chunks per memory
+  int64_t splits;  // slot ranges per memory
 };
 
-void write_empty(const Task& t, int64_t g, int64_t q0, int64_t q1) {
-  const int64_t k = t.opt->k;
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t o = (g * t.num_queries + q) * k;
-    std::fill(t.out->scores + o, t.out->scores + o + k, kNegInf);
-    std::fill(t.out->indices + o, t.out->indices + o + k, int64_t{-1});
-    std::fill(t.out->mask + o, t.out->mask + o + k, false);
-    if (t.out->keys) std::fill_n(t.out->keys + o * t.m->key_dim, k * t.m->key_dim, 0.0f);
-    if (t.out->values) std::fill_n(t.out->values + o * t.m->value_dim, k * t.m->value_dim, 0.0f);
-  }
+int64_t bins_for(const Plan& p, int64_t live) {
+  return p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
 }
 
-// Sorts the best k of `cands` to the front and writes query q's results.
-void write_result(const Task& t, int64_t g, int64_t q, int64_t written,
-                  std::vector<Candidate>& cands) {
-  const MemoryView& m = *t.m;
-  const int64_t k = t.opt->k;
-  const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));
-  std::partial_sort(cands.begin(), cands.begin() + found, cands.end(), better);
-  const int64_t o = (g * t.num_queries + q) * k;
-  for (int64_t j = 0; j < k; ++j) {
-    const bool hit = j < found;
-    const int64_t slot = hit ? cands[static_cast<std::size_t>(j)].slot : -1;
-    t.out->scores[o + j] = hit ? cands[static_cast<std::size_t>(j)].score : kNegInf;
-    t.out->indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
-    t.out->mask[o + j] = hit;
-    if (t.out->keys) {
-      float* dst = t.out->keys + (o + j) * m.key_dim;
-      if (hit) {
-        std::memcpy(dst, m.keys + (g * m.capacity + slot) * m.key_stride,
-                    sizeof(float) * m.key_dim);
-      } else {
-        std::fill_n(dst, m.key_dim, 0.0f);
-      }
-    }
-    if (t.out->values) {
-      float* dst = t.out->values + (o + j) * m.value_dim;
-      if (hit) {
-        std::memcpy(dst, m.values + (g * m.capacity + slot) * m.value_stride,
-                    sizeof(float) * m.value_dim);
-      } else {
-        std::fill_n(dst, m.value_dim, 0.0f);
-      }
-    }
-  }
-}
-
-void search_chunk(const Task& t, const float* queries, int64_t g, int64_t q0, int64_t q1) {
-  const MemoryView& m = *t.m;
+// Scans slots [s_begin, s_end) of memory g for queries [q0, q1).
+void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
+               Partial& part) {
+  const MemoryView& m = *p.m;
   const int64_t written = m.written[g];
-  const int64_t live = std::min(written, m.capacity);
-  if (live == 0) {
-    write_empty(t, g, q0, q1);
-    return;
-  }
   const int64_t nq = q1 - q0;
   const int64_t dim = m.key_dim;
-  const int64_t k = t.opt->k;
-  const Metric metric = t.opt->metric;
-  const bool exact = t.num_bins == 0 || t.num_bins >= live;
-  const int64_t L = t.num_bins;
+  const Metric metric = p.opt->metric;
+  const int64_t num_bins = bins_for(p, std::min(written, m.capacity));
+  part.init(nq, num_bins, p.opt->k);
+  if (s_begin >= s_end) return;
 
-  // Queries, transformed for the metric: cosine scores against unit queries,
-  // l2 needs |q|^2.
+  // Queries prepared for the metric: unit length for cosine, |q|^2 for l2.
   std::vector<float> qbuf(static_cast<std::size_t>(nq * dim));
   std::vector<float> q_sq(static_cast<std::size_t>(nq), 0.0f);
-  std::memcpy(qbuf.data(), queries + (g * t.num_queries + q0) * dim, sizeof(float) * nq * dim);
+  std::memcpy(qbuf.data(), p.queries + (g * p.num_queries + q0) * dim, sizeof(float) * nq * dim);
   if (metric != Metric::kInnerProduct) {
     for (int64_t q = 0; q < nq; ++q) {
       float* row = qbuf.data() + q * dim;
@@ -163,101 +121,136 @@ void search_chunk(const Task& t, const float* queries, int64_t g, int64_t q0, in
     }
   }
 
-  std::vector<TopK> topk;
-  std::vector<float> bin_best;
-  std::vector<int32_t> bin_slot;
-  if (exact) {
-    topk.reserve(static_cast<std::size_t>(nq));
-    for (int64_t q = 0; q < nq; ++q) topk.emplace_back(k);
-  } else {
-    bin_best.assign(static_cast<std::size_t>(nq * L), kNegInf);
-    bin_slot.assign(static_cast<std::size_t>(nq * L), -1);
-  }
-
   const ScanRange range = scan_range(m.capacity, written);
-  const int32_t* offset_of = m.placement->offset_of();
-  const float* keys = m.keys + g * m.capacity * m.key_stride;
-  const float* stored_sq = m.sq_norms ? m.sq_norms + g * m.capacity : nullptr;
-  std::vector<float> tile(static_cast<std::size_t>(nq * kKeyBlock));
-  float key_sq[kKeyBlock];
-  float key_scale[kKeyBlock];
+  cpu::ScanArgs args;
+  args.queries = qbuf.data();
+  args.query_sq = q_sq.data();
+  args.num_queries = nq;
+  args.dim = dim;
+  args.metric = metric;
+  args.masked_begin = range.masked_begin;
+  args.offset_of = m.placement->offset_of();
+  args.written = written;
+  args.num_bins = num_bins;
+  args.bin_best = part.best.data();
+  args.bin_slot = part.slot.data();
+  args.topk = &part.topk;
+  const cpu::ScanFn scan = cpu::active_kernel().scan;
 
-  for (int64_t s0 = 0; s0 < range.end; s0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, range.end - s0);
-    cpu::dot_tile(qbuf.data(), nq, dim, keys + s0 * m.key_stride, nk, m.key_stride, dim,
-                  tile.data(), kKeyBlock);
-
+  const int64_t padded = padded_capacity(m.capacity);
+  if (m.key_layout == KeyLayout::kPanels) {
+    KNNMEM_ASSERT(m.key_aux != nullptr || metric == Metric::kInnerProduct);
+    KNNMEM_ASSERT(m.key_aux == nullptr || m.aux_metric == metric);
+    args.panels = m.keys + (g * padded + s_begin) * dim;
+    args.key_aux = m.key_aux ? m.key_aux + g * padded + s_begin : nullptr;
+    args.begin = s_begin;
+    args.end = s_end;
+    scan(args);
+    return;
+  }
+  // Row layout: pack a block at a time into panels (and its norm terms).
+  std::vector<float> panels(static_cast<std::size_t>(kPackSlots * dim));
+  std::vector<float> aux(static_cast<std::size_t>(kPackSlots), 0.0f);
+  const float* rows = m.keys + g * m.capacity * m.key_stride;
+  for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
+    const int64_t b1 = std::min(s_end, b0 + kPackSlots);
+    cpu::pack_panels(rows + b0 * m.key_stride, b1 - b0, m.key_stride, dim, panels.data());
     if (metric != Metric::kInnerProduct) {
-      for (int64_t j = 0; j < nk; ++j) {
-        key_sq[j] =
-            stored_sq ? stored_sq[s0 + j] : cpu::squared_norm(keys + (s0 + j) * m.key_stride, dim);
+      for (int64_t j = 0; j < b1 - b0; ++j) {
+        const float sq = cpu::squared_norm(rows + (b0 + j) * m.key_stride, dim);
+        aux[j] = metric == Metric::kL2 ? sq : (sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f);
       }
     }
-    if (metric == Metric::kCosine) {
-      for (int64_t j = 0; j < nk; ++j) {
-        key_scale[j] = key_sq[j] > 0.0f ? 1.0f / std::sqrt(key_sq[j]) : 0.0f;
-      }
-      for (int64_t q = 0; q < nq; ++q) {
-        float* row = tile.data() + q * kKeyBlock;
-        for (int64_t j = 0; j < nk; ++j) row[j] *= key_scale[j];
-      }
-    } else if (metric == Metric::kL2) {
-      for (int64_t q = 0; q < nq; ++q) {
-        float* row = tile.data() + q * kKeyBlock;
-        for (int64_t j = 0; j < nk; ++j) {
-          row[j] = -std::max(0.0f, (q_sq[q] + key_sq[j]) - 2.0f * row[j]);
-        }
-      }
-    }
-    // Slots of the partly written block that hold no live row.
-    for (int64_t j = std::max<int64_t>(0, range.masked_begin - s0); j < nk; ++j) {
-      if (offset_of[s0 + j] >= written) {
-        for (int64_t q = 0; q < nq; ++q) tile[q * kKeyBlock + j] = kNegInf;
-      }
-    }
+    args.panels = panels.data();
+    args.key_aux = aux.data();
+    args.begin = b0;
+    args.end = b1;
+    scan(args);
+  }
+}
 
-    if (exact) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const float* row = tile.data() + q * kKeyBlock;
-        for (int64_t j = 0; j < nk; ++j) topk[q].offer(row[j], static_cast<int32_t>(s0 + j));
+const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratch) {
+  if (m.key_layout == KeyLayout::kRows) return m.keys + (g * m.capacity + slot) * m.key_stride;
+  const float* panel =
+      m.keys + (g * padded_capacity(m.capacity) + slot / kPanelSlots * kPanelSlots) * m.key_dim;
+  for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = panel[i * kPanelSlots + slot % kPanelSlots];
+  return scratch;
+}
+
+// Sorts the best k of `cands` to the front and writes query q's results.
+void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& cands,
+                  std::vector<float>& scratch) {
+  const MemoryView& m = *p.m;
+  const int64_t k = p.opt->k;
+  const int64_t written = m.written[g];
+  const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));
+  std::partial_sort(cands.begin(), cands.begin() + found, cands.end(), better);
+  const int64_t o = (g * p.num_queries + q) * k;
+  const SearchOutput& out = *p.out;
+  for (int64_t j = 0; j < k; ++j) {
+    const bool hit = j < found;
+    const int64_t slot = hit ? cands[static_cast<std::size_t>(j)].slot : -1;
+    out.scores[o + j] = hit ? cands[static_cast<std::size_t>(j)].score : kNegInf;
+    out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
+    out.mask[o + j] = hit;
+    if (out.keys) {
+      float* dst = out.keys + (o + j) * m.key_dim;
+      if (hit) {
+        std::memcpy(dst, key_row(m, g, slot, scratch.data()), sizeof(float) * m.key_dim);
+      } else {
+        std::fill_n(dst, m.key_dim, 0.0f);
+      }
+    }
+    if (out.values) {
+      float* dst = out.values + (o + j) * m.value_dim;
+      if (hit) {
+        std::memcpy(dst, m.values + (g * m.capacity + slot) * m.value_stride,
+                    sizeof(float) * m.value_dim);
+      } else {
+        std::fill_n(dst, m.value_dim, 0.0f);
+      }
+    }
+  }
+}
+
+// Merges the partial states of memory g's slot ranges (in ascending order)
+// and writes the results of queries [q0, q1).
+void finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts) {
+  const int64_t live = std::min(p.m->written[g], p.m->capacity);
+  const int64_t L = bins_for(p, live);
+  std::vector<Candidate> cands;
+  std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
+  for (int64_t q = 0; q < q1 - q0; ++q) {
+    cands.clear();
+    if (live == 0) {
+      // nothing held: every entry empty
+    } else if (L > 0) {
+      for (int64_t b = 0; b < L; ++b) {
+        Candidate best{kNegInf, -1};
+        for (int64_t s = 0; s < nparts; ++s) {
+          const float v = parts[s].best[q * L + b];
+          if (v > best.score) best = {v, parts[s].slot[q * L + b]};
+        }
+        if (best.slot >= 0) cands.push_back(best);
       }
     } else {
-      // Strided bins: slot s goes to bin s mod L, so a tile is a few runs of
-      // consecutive bins.
-      for (int64_t q = 0; q < nq; ++q) {
-        const float* row = tile.data() + q * kKeyBlock;
-        float* best = bin_best.data() + q * L;
-        int32_t* slot = bin_slot.data() + q * L;
-        int64_t j = 0;
-        int64_t b = s0 % L;
-        while (j < nk) {
-          const int64_t run = std::min(nk - j, L - b);
-          for (int64_t i = 0; i < run; ++i) {
-            const float v = row[j + i];
-            const bool take = v > best[b + i];
-            best[b + i] = take ? v : best[b + i];
-            slot[b + i] = take ? static_cast<int32_t>(s0 + j + i) : slot[b + i];
-          }
-          j += run;
-          b = 0;
+      for (int64_t s = 0; s < nparts; ++s) {
+        const cpu::TopKBuffers& t = parts[s].topk;
+        for (int64_t i = 0; i < t.sizes[q]; ++i) {
+          cands.push_back({t.scores[q * t.capacity + i], t.slots[q * t.capacity + i]});
         }
       }
     }
+    write_result(p, g, q0 + q, cands, scratch);
   }
+}
 
-  std::vector<Candidate> cands;
-  for (int64_t q = 0; q < nq; ++q) {
-    if (exact) {
-      write_result(t, g, q0 + q, written, topk[q].candidates());
-      continue;
-    }
-    cands.clear();
-    for (int64_t b = 0; b < L; ++b) {
-      const int32_t s = bin_slot[q * L + b];
-      if (s >= 0) cands.push_back({bin_best[q * L + b], s});
-    }
-    write_result(t, g, q0 + q, written, cands);
-  }
+// Slot range `s` of `splits` over [0, end), cut at panel boundaries.
+std::pair<int64_t, int64_t> split_range(int64_t end, int64_t s, int64_t splits) {
+  auto cut = [&](int64_t i) {
+    return std::min(end, (end * i / splits + kPanelSlots - 1) / kPanelSlots * kPanelSlots);
+  };
+  return {cut(s), cut(s + 1)};
 }
 
 }  // namespace
@@ -272,14 +265,49 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
   KNNMEM_ASSERT(out.scores && out.indices && out.mask);
   if (num_queries == 0 || memory.grid == 0) return;
+  cpu::active_kernel();  // resolves KNNMEM_KERNEL here, in the caller's thread
 
-  const Task task{&memory, &options, &out, num_queries, num_bins};
-  const int64_t chunks = (num_queries + kQueryChunk - 1) / kQueryChunk;
-  detail::parallel_for(static_cast<std::size_t>(memory.grid * chunks), [&](std::size_t i) {
-    const int64_t g = static_cast<int64_t>(i) / chunks;
-    const int64_t c = static_cast<int64_t>(i) % chunks;
-    const int64_t q0 = c * kQueryChunk;
-    search_chunk(task, queries, g, q0, std::min(num_queries, q0 + kQueryChunk));
+  Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
+  // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
+  const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
+  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, kMaxQueryChunk);
+  p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
+  // Too few (memory, query chunk) tasks to keep every thread busy: cut each
+  // memory's slots into ranges too.
+  const int64_t tasks = memory.grid * p.chunks;
+  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  if (tasks < want) {
+    p.splits = std::clamp<int64_t>((want + tasks - 1) / tasks, 1,
+                                   std::max<int64_t>(1, memory.capacity / kMinSplitSlots));
+  }
+
+  auto queries_of = [&](int64_t c) {
+    const int64_t q0 = c * p.q_chunk;
+    return std::pair<int64_t, int64_t>{q0, std::min(num_queries, q0 + p.q_chunk)};
+  };
+  if (p.splits == 1) {
+    detail::parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t i) {
+      const int64_t g = static_cast<int64_t>(i) / p.chunks;
+      const auto [q0, q1] = queries_of(static_cast<int64_t>(i) % p.chunks);
+      Partial part;
+      scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, part);
+      finish(p, g, q0, q1, &part, 1);
+    });
+    return;
+  }
+  std::vector<Partial> parts(static_cast<std::size_t>(tasks * p.splits));
+  detail::parallel_for(parts.size(), [&](std::size_t i) {
+    const int64_t t = static_cast<int64_t>(i) / p.splits;
+    const int64_t g = t / p.chunks;
+    const auto [q0, q1] = queries_of(t % p.chunks);
+    const int64_t end = scan_range(memory.capacity, memory.written[g]).end;
+    const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
+    scan_part(p, g, q0, q1, s0, s1, parts[i]);
+  });
+  detail::parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t t) {
+    const int64_t g = static_cast<int64_t>(t) / p.chunks;
+    const auto [q0, q1] = queries_of(static_cast<int64_t>(t) % p.chunks);
+    finish(p, g, q0, q1, parts.data() + t * p.splits, p.splits);
   });
 }
 

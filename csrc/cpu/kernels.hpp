@@ -1,24 +1,94 @@
-// Scoring kernels on borrowed buffers (CPU).
+// CPU scan kernels: fused scoring + reduction over a memory's slots.
 //
-// This is the portable variant: plain C++ written so that the compiler
-// vectorises it for the baseline ISA. Every dot product accumulates into
-// kLanes independent partial sums over consecutive dimensions and reduces
-// them in a fixed tree, so a row padded with zeros to a multiple of kLanes
-// gives bit-identical results to the unpadded row.
+// Keys are stored in panels: slots 16p .. 16p+15 of a memory form panel p,
+// laid out [dim][16] (dimension-major), so one vector load holds one
+// dimension of 16 consecutive slots. A register tile of R queries x C vectors
+// of slots accumulates dot products with one broadcast-FMA per query and
+// dimension; the finished tile goes straight into the reduction -- per-bin
+// running max and slot (strided bins: slot s -> bin s mod L), or a thresholded
+// candidate buffer for exact top-k. No score matrix exists beyond registers.
+//
+// Variants (portable, avx2, avx512) are separate translation units compiled
+// with their own ISA flags and chosen at run time from CPU features, or forced
+// with KNNMEM_KERNEL=<name> / set_kernel(). Those units use no standard-library
+// templates (whose out-of-line copies the linker could share with baseline
+// code) and keep everything else in an anonymous namespace.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
+
+#include "knnmem/knnmem.hpp"
 
 namespace knnmem::cpu {
 
-inline constexpr int64_t kLanes = 16;
+inline constexpr int64_t kPanel = 16;
 
-// |x|^2 with the same summation order as dot_tile.
+// Per-query candidate buffers for exact top-k. A buffer takes scores above
+// its threshold; when it fills up, compact_topk keeps the best k and raises
+// the threshold to the k-th best score.
+struct TopKBuffers {
+  float* scores = nullptr;      // [num_queries][capacity]
+  int32_t* slots = nullptr;     // [num_queries][capacity]
+  int64_t* sizes = nullptr;     // [num_queries]
+  float* thresholds = nullptr;  // [num_queries], start at -inf
+  int64_t capacity = 0;         // >= 2k
+  int64_t k = 0;
+};
+void compact_topk(const TopKBuffers& buffers, int64_t query);
+
+struct ScanArgs {
+  // Queries [num_queries][dim], already prepared for the metric (unit length
+  // for cosine); query_sq[q] = |q|^2 (l2 only).
+  const float* queries = nullptr;
+  const float* query_sq = nullptr;
+  int64_t num_queries = 0;
+  int64_t dim = 0;
+  Metric metric = Metric::kInnerProduct;
+  // Slots [begin, end) are scanned; begin is a multiple of kPanel. `panels`
+  // points at the panel of slot `begin`, `key_aux` at the entry of slot
+  // `begin`: 1/|k| for cosine (0 for a zero key), |k|^2 for l2, unused for ip.
+  const float* panels = nullptr;
+  const float* key_aux = nullptr;
+  int64_t begin = 0;
+  int64_t end = 0;
+  // Slots >= masked_begin are live only if offset_of[slot] < written.
+  int64_t masked_begin = 0;
+  const int32_t* offset_of = nullptr;
+  int64_t written = 0;
+  // Reduction: num_bins > 0 -> bins, [num_queries][num_bins] arrays indexed by
+  // absolute slot mod num_bins; num_bins == 0 -> topk.
+  int64_t num_bins = 0;
+  float* bin_best = nullptr;
+  int32_t* bin_slot = nullptr;
+  const TopKBuffers* topk = nullptr;
+};
+
+using ScanFn = void (*)(const ScanArgs&);
+
+struct Kernel {
+  const char* name;
+  ScanFn scan;
+};
+
+// The variant in use: KNNMEM_KERNEL if set (and supported), else the best
+// one this CPU supports. Throws InvalidArgument for an unknown or
+// unsupported name.
+const Kernel& active_kernel();
+void set_kernel(const std::string& name);  // "" = automatic choice
+std::vector<std::string> supported_kernels();
+
+// |x|^2, summed in order (used for key_aux).
 float squared_norm(const float* x, int64_t dim);
 
-// tile[q * tile_stride + j] = <queries[q], keys[j]> for q < num_queries,
-// j < num_keys. queries rows are q_stride apart, key rows key_stride apart.
-void dot_tile(const float* queries, int64_t num_queries, int64_t q_stride, const float* keys,
-              int64_t num_keys, int64_t key_stride, int64_t dim, float* tile, int64_t tile_stride);
+// Copies rows [0, n) of a row-major block (row stride `stride`) into panel
+// layout at `panels` (ceil(n / kPanel) panels; missing slots are zeros).
+void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels);
+
+// Entry points of the variants (defined in scan_<name>.cpp).
+void scan_portable(const ScanArgs& args);
+void scan_avx2(const ScanArgs& args);
+void scan_avx512(const ScanArgs& args);
 
 }  // namespace knnmem::cpu

@@ -11,10 +11,14 @@
 //     counters, and a reader/writer lock; forwards to the free functions.
 //
 // Ring layout of one grid of G memories, each with `capacity` slots:
-//   keys     [G][capacity][key_stride]   float32, key_stride >= key_dim
-//   values   [G][capacity][value_stride] float32, value_stride >= value_dim
+//   keys     [G][capacity][key_stride]   float32 rows (KeyLayout::kRows), or
+//            [G][panels][key_dim][16]    panels of 16 slots (KeyLayout::kPanels,
+//                                        panels = ceil(capacity / 16); the layout
+//                                        the SIMD kernels read, used by Memory)
+//   values   [G][capacity][value_stride] float32
 //   written  [G]                         int64, rows added since the last clear
-//   sq_norms [G][capacity]               float32, optional (|key|^2 per slot)
+//   key_aux  [G][16 * panels]            optional per-slot norm term of the metric
+//                                        (1/|k| for cosine, |k|^2 for l2)
 // Row p of a memory's stream (p = 0 is the first row added since the last
 // clear) lives in slot placement(p mod capacity), see `Placement`.
 #pragma once
@@ -87,24 +91,33 @@ class Placement {
 
 // ---------------------------------------------------------------------------
 // Borrowed views of a grid of memories (see the ring layout above).
+enum class KeyLayout : int { kRows = 0, kPanels = 1 };
+
+inline constexpr int64_t kPanelSlots = 16;
+inline int64_t padded_capacity(int64_t capacity) {
+  return (capacity + kPanelSlots - 1) / kPanelSlots * kPanelSlots;
+}
+
 struct MemoryView {
   const float* keys = nullptr;
   const float* values = nullptr;
-  const float* sq_norms = nullptr;  // may be null: computed on the fly
+  const float* key_aux = nullptr;  // may be null: computed on the fly
   const int64_t* written = nullptr;
   int64_t grid = 0;
   int64_t capacity = 0;
   int64_t key_dim = 0;
-  int64_t key_stride = 0;
+  int64_t key_stride = 0;  // kRows only
   int64_t value_dim = 0;
   int64_t value_stride = 0;
+  KeyLayout key_layout = KeyLayout::kRows;
+  Metric aux_metric = Metric::kInnerProduct;  // what key_aux holds
   const Placement* placement = nullptr;
 };
 
 struct MutableMemoryView {
   float* keys = nullptr;
   float* values = nullptr;
-  float* sq_norms = nullptr;  // may be null: not maintained
+  float* key_aux = nullptr;  // may be null: not maintained
   int64_t* written = nullptr;
   int64_t grid = 0;
   int64_t capacity = 0;
@@ -112,11 +125,14 @@ struct MutableMemoryView {
   int64_t key_stride = 0;
   int64_t value_dim = 0;
   int64_t value_stride = 0;
+  KeyLayout key_layout = KeyLayout::kRows;
+  Metric aux_metric = Metric::kInnerProduct;
   const Placement* placement = nullptr;
 
   MemoryView as_const() const {
-    return MemoryView{keys,    values,     sq_norms,  written,      grid,     capacity,
-                      key_dim, key_stride, value_dim, value_stride, placement};
+    return MemoryView{keys,       values,     key_aux,    written,   grid,
+                      capacity,   key_dim,    key_stride, value_dim, value_stride,
+                      key_layout, aux_metric, placement};
   }
 };
 
@@ -161,6 +177,14 @@ int64_t position_of_slot(const Placement& placement, int64_t written, int64_t sl
 void set_num_threads(int num_threads);
 int get_num_threads();
 
+// CPU kernel variant: "avx512", "avx2" or "portable". The best one the CPU
+// supports is used unless KNNMEM_KERNEL names another; set_kernel("") goes
+// back to the automatic choice. Throws InvalidArgument for unknown or
+// unsupported names.
+void set_kernel(const std::string& name);
+std::string get_kernel();
+std::vector<std::string> supported_kernels();
+
 // ---------------------------------------------------------------------------
 // A grid of memories with owned, 64-byte aligned storage.
 //
@@ -201,12 +225,12 @@ class Memory {
  private:
   MutableMemoryView view_unlocked() const;
 
-  int64_t grid_, capacity_, key_dim_, key_stride_, value_dim_, value_stride_;
+  int64_t grid_, capacity_, key_dim_, value_dim_;
   Metric metric_;
   std::shared_ptr<const Placement> placement_;
-  float* keys_ = nullptr;
+  float* keys_ = nullptr;  // panels
   float* values_ = nullptr;
-  float* sq_norms_ = nullptr;
+  float* key_aux_ = nullptr;
   std::vector<int64_t> written_;
   mutable std::shared_mutex mutex_;
 };

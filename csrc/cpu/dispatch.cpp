@@ -1,0 +1,134 @@
+// Run-time choice of the scan variant, and the baseline helpers around it.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.hpp"
+
+namespace knnmem::cpu {
+namespace {
+
+// Best first. The x86 variants exist only in x86-64 builds (CMakeLists.txt).
+const Kernel kKernels[] = {
+#ifdef KNNMEM_X86_KERNELS
+    {"avx512", scan_avx512},
+    {"avx2", scan_avx2},
+#endif
+    {"portable", scan_portable},
+};
+
+bool cpu_supports(const std::string& name) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (name == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return name == "portable";
+}
+
+const Kernel* find(const std::string& name) {
+  if (name != "avx512" && name != "avx2" && name != "portable") {
+    throw InvalidArgument(
+        "kernel: expected one of 'avx512', 'avx2', 'portable' (or '' for automatic), got '" + name +
+        "'");
+  }
+  for (const Kernel& k : kKernels) {
+    if (name == k.name) {
+      if (!cpu_supports(name)) {
+        std::string supported;
+        for (const auto& n : supported_kernels()) supported += (supported.empty() ? "" : ", ") + n;
+        throw InvalidArgument("kernel: '" + name +
+                              "' is not supported by this CPU; supported: " + supported);
+      }
+      return &k;
+    }
+  }
+  throw InvalidArgument("kernel: '" + name + "' is not built for this platform");
+}
+
+const Kernel* best() {
+  for (const Kernel& k : kKernels) {
+    if (cpu_supports(k.name)) return &k;
+  }
+  return &kKernels[sizeof(kKernels) / sizeof(kKernels[0]) - 1];
+}
+
+std::atomic<const Kernel*> g_active{nullptr};
+
+}  // namespace
+
+std::vector<std::string> supported_kernels() {
+  std::vector<std::string> out;
+  for (const Kernel& k : kKernels) {
+    if (cpu_supports(k.name)) out.emplace_back(k.name);
+  }
+  return out;
+}
+
+const Kernel& active_kernel() {
+  const Kernel* k = g_active.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    const char* env = std::getenv("KNNMEM_KERNEL");
+    k = env != nullptr && *env != '\0' ? find(env) : best();
+    g_active.store(k, std::memory_order_release);
+  }
+  return *k;
+}
+
+void set_kernel(const std::string& name) {
+  g_active.store(name.empty() ? best() : find(name), std::memory_order_release);
+}
+
+void compact_topk(const TopKBuffers& t, int64_t query) {
+  struct Entry {
+    float score;
+    int32_t slot;
+  };
+  const int64_t n = t.sizes[query];
+  float* scores = t.scores + query * t.capacity;
+  int32_t* slots = t.slots + query * t.capacity;
+  std::vector<Entry> entries(static_cast<std::size_t>(n));
+  for (int64_t i = 0; i < n; ++i) entries[i] = {scores[i], slots[i]};
+  // Best first; equal scores by slot, so the kept set is deterministic.
+  auto better = [](const Entry& a, const Entry& b) {
+    return a.score > b.score || (a.score == b.score && a.slot < b.slot);
+  };
+  std::nth_element(entries.begin(), entries.begin() + (t.k - 1), entries.end(), better);
+  for (int64_t i = 0; i < t.k; ++i) {
+    scores[i] = entries[i].score;
+    slots[i] = entries[i].slot;
+  }
+  t.sizes[query] = t.k;
+  t.thresholds[query] = entries[t.k - 1].score;
+}
+
+float squared_norm(const float* x, int64_t dim) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < dim; ++i) s += x[i] * x[i];
+  return s;
+}
+
+void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels) {
+  const int64_t num_panels = (n + kPanel - 1) / kPanel;
+  std::memset(panels, 0, sizeof(float) * num_panels * dim * kPanel);
+  for (int64_t j = 0; j < n; ++j) {
+    float* dst = panels + (j / kPanel) * dim * kPanel + j % kPanel;
+    const float* src = rows + j * stride;
+    for (int64_t i = 0; i < dim; ++i) dst[i * kPanel] = src[i];
+  }
+}
+
+}  // namespace knnmem::cpu
+
+namespace knnmem {
+
+void set_kernel(const std::string& name) { cpu::set_kernel(name); }
+std::string get_kernel() { return cpu::active_kernel().name; }
+std::vector<std::string> supported_kernels() { return cpu::supported_kernels(); }
+
+}  // namespace knnmem

@@ -1,0 +1,53 @@
+// AVX2 + FMA variant (8 lanes). Built with -mavx2 -mfma; only called when the
+// CPU reports both.
+#include <immintrin.h>
+
+#include "cpu/kernels.hpp"
+
+namespace knnmem::cpu {
+namespace {
+
+struct V {
+  static constexpr int W = 8;
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256;
+
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M from_bits(uint32_t bits) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bit);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bit));
+  }
+  static uint32_t bits(M m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
+  static M mask_and(M a, M b) { return _mm256_and_ps(a, b); }
+  static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+  static F mask_load(const float* p, M m) { return _mm256_maskload_ps(p, _mm256_castps_si256(m)); }
+  static void mask_store(float* p, M m, F a) { _mm256_maskstore_ps(p, _mm256_castps_si256(m), a); }
+  static I slots(int32_t first) {
+    return _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static void mask_store_slots(int32_t* p, M m, I a) {
+    _mm256_maskstore_epi32(reinterpret_cast<int*>(p), _mm256_castps_si256(m), a);
+  }
+};
+
+}  // namespace
+}  // namespace knnmem::cpu
+
+#include "cpu/scan_impl.hpp"
+
+namespace knnmem::cpu {
+
+void scan_avx2(const ScanArgs& args) { Scan<V>{args}.run<6, 2>(); }
+
+}  // namespace knnmem::cpu

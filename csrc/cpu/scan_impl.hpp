@@ -1,0 +1,173 @@
+// The scan algorithm, generic over a vector type V. Included once by each
+// variant's translation unit (scan_<name>.cpp) after it defines V; see
+// kernels.hpp for the layout and the rules these units follow.
+//
+// V provides: W (lanes), F (float vector), I (int32 vector), M (lane mask),
+// zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
+// from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
+// the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
+// lane.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/kernels.hpp"
+
+namespace knnmem::cpu {
+namespace {
+
+template <class V>
+struct Scan {
+  static constexpr int W = V::W;
+  static constexpr int64_t kBlock = 256;  // slots per key block (L2-resident)
+  static constexpr uint32_t kAll = W == 32 ? 0xFFFFFFFFu : (1u << W) - 1;
+  using F = typename V::F;
+
+  static int64_t lo(int64_t a, int64_t b) { return a < b ? a : b; }
+
+  const ScanArgs& a;
+
+  // Lanes of the vector at slot s that hold a live row.
+  uint32_t live_lanes(int64_t s) const {
+    if (s + W <= a.end && s + W <= a.masked_begin) return kAll;
+    uint32_t bits = 0;
+    for (int l = 0; l < W; ++l) {
+      const int64_t slot = s + l;
+      const bool ok = slot < a.end && (slot < a.masked_begin || a.offset_of[slot] < a.written);
+      bits |= static_cast<uint32_t>(ok) << l;
+    }
+    return bits;
+  }
+
+  void reduce_bins(int64_t q, F v, int64_t s) const {
+    const int64_t L = a.num_bins;
+    float* best = a.bin_best + q * L;
+    int32_t* slot = a.bin_slot + q * L;
+    const int64_t b = s % L;
+    if (L < W) {  // several lanes share a bin: one lane at a time
+      float tmp[W];
+      V::store(tmp, v);
+      for (int l = 0; l < W; ++l) {
+        const int64_t bin = (b + l) % L;
+        if (tmp[l] > best[bin]) {
+          best[bin] = tmp[l];
+          slot[bin] = static_cast<int32_t>(s + l);
+        }
+      }
+      return;
+    }
+    const auto slots = V::slots(static_cast<int32_t>(s));
+    if (b + W <= L) {  // bins b .. b+W-1
+      const auto take = V::gt(v, V::load(best + b));
+      V::mask_store(best + b, take, v);
+      V::mask_store_slots(slot + b, take, slots);
+      return;
+    }
+    // The run of bins wraps: lanes [0, L-b) go to bins b.., the rest to 0..
+    const auto head = V::from_bits((1u << (L - b)) - 1);
+    const auto tail = V::from_bits(kAll & ~((1u << (L - b)) - 1));
+    float* best_tail = best + b - L;  // lane l >= L-b maps to bin b + l - L
+    int32_t* slot_tail = slot + b - L;
+    const F old = V::select(head, V::mask_load(best + b, head), V::mask_load(best_tail, tail));
+    const auto take = V::gt(v, old);
+    V::mask_store(best + b, V::mask_and(take, head), v);
+    V::mask_store(best_tail, V::mask_and(take, tail), v);
+    V::mask_store_slots(slot + b, V::mask_and(take, head), slots);
+    V::mask_store_slots(slot_tail, V::mask_and(take, tail), slots);
+  }
+
+  void reduce_topk(int64_t q, F v, int64_t s) const {
+    const TopKBuffers& t = *a.topk;
+    uint32_t bits = V::bits(V::gt(v, V::set1(t.thresholds[q])));
+    if (bits == 0) return;
+    float tmp[W];
+    V::store(tmp, v);
+    while (bits != 0) {
+      const int l = __builtin_ctz(bits);
+      bits &= bits - 1;
+      if (!(tmp[l] > t.thresholds[q])) continue;  // raised by a compaction
+      const int64_t n = t.sizes[q];
+      t.scores[q * t.capacity + n] = tmp[l];
+      t.slots[q * t.capacity + n] = static_cast<int32_t>(s + l);
+      t.sizes[q] = n + 1;
+      if (n + 1 == t.capacity) compact_topk(t, q);
+    }
+  }
+
+  // Scores of R queries (from q0) against C vectors of slots (from s), then
+  // the metric, the live mask and the reduction.
+  template <int R, int C>
+  void tile(int64_t q0, int64_t s) const {
+    const int64_t dim = a.dim;
+    F acc[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
+    }
+    const float* kp[C];
+    for (int c = 0; c < C; ++c) {
+      const int64_t slot = s + c * W;
+      kp[c] = a.panels + ((slot - a.begin) / kPanel) * dim * kPanel + slot % kPanel;
+    }
+    const float* qp = a.queries + q0 * dim;
+    for (int64_t i = 0; i < dim; ++i) {
+      F kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = V::load(kp[c] + i * kPanel);
+      for (int r = 0; r < R; ++r) {
+        const F qv = V::set1(qp[r * dim + i]);
+        for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, kv[c], acc[r][c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const int64_t sc = s + c * W;
+      if (sc >= a.end) break;
+      const uint32_t live = live_lanes(sc);
+      const auto live_mask = V::from_bits(live);
+      const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
+      F aux = V::zero();
+      if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
+      for (int r = 0; r < R; ++r) {
+        F v = acc[r][c];
+        if (a.metric == Metric::kCosine) {
+          v = V::mul(v, aux);
+        } else if (a.metric == Metric::kL2) {  // -|q-k|^2 = min(0, 2<q,k> - |q|^2 - |k|^2)
+          const F norms = V::add(V::set1(a.query_sq[q0 + r]), aux);
+          v = V::min(V::zero(), V::sub(V::add(v, v), norms));
+        }
+        if (live != kAll) v = V::select(live_mask, v, neg_inf);
+        if (a.num_bins > 0) {
+          reduce_bins(q0 + r, v, sc);
+        } else {
+          reduce_topk(q0 + r, v, sc);
+        }
+      }
+    }
+  }
+
+  template <int R, int C>
+  void rows_of_block(int64_t q0, int64_t s0, int64_t s1) const {
+    int64_t s = s0;
+    for (; s + C * W <= s1; s += C * W) tile<R, C>(q0, s);
+    for (; s < s1; s += W) tile<R, 1>(q0, s);
+  }
+
+  template <int R, int C>
+  void run() const {
+    for (int64_t s0 = a.begin; s0 < a.end; s0 += kBlock) {
+      const int64_t s1 = lo(a.end, s0 + kBlock);
+      int64_t q = 0;
+      for (; q + R <= a.num_queries; q += R) rows_of_block<R, C>(q, s0, s1);
+      // Fewer than R queries left: one smaller tile height, then single rows.
+      const int64_t rest = a.num_queries - q;
+      if (rest >= R / 2 && R / 2 >= 1 && rest > 1) {
+        rows_of_block<(R / 2 > 0 ? R / 2 : 1), C>(q, s0, s1);
+        q += R / 2;
+      }
+      for (; q < a.num_queries; ++q) rows_of_block<1, C>(q, s0, s1);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace knnmem::cpu

@@ -1,0 +1,66 @@
+// Portable variant: 4-lane GCC/Clang vector extensions, which compile to SSE2
+// on x86-64 and NEON on aarch64. No FMA: products are rounded, then added.
+#include <cstring>
+
+#include "cpu/kernels.hpp"
+
+namespace knnmem::cpu {
+namespace {
+
+struct V {
+  static constexpr int W = 4;
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  using M = I;  // all ones in the lanes that are set
+
+  static F zero() { return F{0.0f, 0.0f, 0.0f, 0.0f}; }
+  static F load(const float* p) {
+    F r;
+    std::memcpy(&r, p, sizeof(r));
+    return r;
+  }
+  static void store(float* p, F a) { std::memcpy(p, &a, sizeof(a)); }
+  static F set1(float x) { return F{x, x, x, x}; }
+  static F fma(F a, F b, F c) { return a * b + c; }
+  static F mul(F a, F b) { return a * b; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F min(F a, F b) { return b < a ? b : a; }
+  static M gt(F a, F b) { return a > b; }
+  static M from_bits(uint32_t bits) {
+    const I lane_bit = {1, 2, 4, 8};
+    return (static_cast<int32_t>(bits) & lane_bit) != 0;
+  }
+  static uint32_t bits(M m) { return (m[0] & 1u) | (m[1] & 2u) | (m[2] & 4u) | (m[3] & 8u); }
+  static M mask_and(M a, M b) { return a & b; }
+  static F select(M m, F a, F b) { return m ? a : b; }
+  static F mask_load(const float* p, M m) {
+    F r = zero();
+    for (int l = 0; l < W; ++l) {
+      if (m[l]) r[l] = p[l];
+    }
+    return r;
+  }
+  static void mask_store(float* p, M m, F a) {
+    for (int l = 0; l < W; ++l) {
+      if (m[l]) p[l] = a[l];
+    }
+  }
+  static I slots(int32_t first) { return I{first, first + 1, first + 2, first + 3}; }
+  static void mask_store_slots(int32_t* p, M m, I a) {
+    for (int l = 0; l < W; ++l) {
+      if (m[l]) p[l] = a[l];
+    }
+  }
+};
+
+}  // namespace
+}  // namespace knnmem::cpu
+
+#include "cpu/scan_impl.hpp"
+
+namespace knnmem::cpu {
+
+void scan_portable(const ScanArgs& args) { Scan<V>{args}.run<4, 2>(); }
+
+}  // namespace knnmem::cpu

@@ -1,0 +1,66 @@
+"""Every CPU kernel variant this machine supports agrees with the portable one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import score_tol, untied
+
+import knnmem
+from knnmem import _core
+
+VARIANTS = _core.supported_kernels()
+
+
+@pytest.fixture
+def kernel():
+    """Restores the automatic choice after a test that forces a variant."""
+    yield _core.set_kernel
+    _core.set_kernel("")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def search_with(kernel_name: str, mem: knnmem.Memory, q: np.ndarray, **kw):
+    _core.set_kernel(kernel_name)
+    assert _core.get_kernel() == kernel_name
+    return mem.search(q, **kw)
+
+
+def test_portable_is_always_supported() -> None:
+    assert "portable" in VARIANTS
+    assert _core.get_kernel() == VARIANTS[0]  # the best one is the default
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("capacity, d, written", [(113, 59, 100), (1000, 128, 2500), (7, 3, 5)])
+def test_variant_matches_portable(kernel, variant, metric, capacity, d, written) -> None:
+    rng = np.random.default_rng(capacity + d)
+    mem = knnmem.Memory((2,), capacity=capacity, key_dim=d, value_dim=3, metric=metric)
+    keys = rng.standard_normal((2, written, d)).astype(np.float32)
+    mem.add(keys, rng.standard_normal((2, written, 3)))
+    q = rng.standard_normal((2, 53, d)).astype(np.float32)
+    k = min(capacity, 17)
+    for target in (1.0, 0.9, 0.5):
+        want = search_with("portable", mem, q, k=k, recall_target=target)
+        got = search_with(variant, mem, q, k=k, recall_target=target)
+        tol = score_tol(unit(keys), unit(q)) if metric == "cosine" else score_tol(keys, q)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=tol)
+        np.testing.assert_array_equal(got.mask, want.mask)
+        sure = untied(want.scores, tol)
+        # Indices agree wherever the score decides them (a different rounding can
+        # swap near-ties, and in approximate mode change a bin's winner).
+        assert sure.sum() > 0.5 * sure.size
+        agree = np.mean(got.indices[sure] == want.indices[sure])
+        assert agree == 1.0 if target == 1.0 else agree > 0.99
+
+
+def test_unknown_or_unsupported_kernel(kernel) -> None:
+    with pytest.raises(ValueError, match=r"^kernel: expected one of 'avx512', 'avx2', 'portable'"):
+        _core.set_kernel("sse9")
+    for name in {"avx512", "avx2"} - set(VARIANTS):
+        with pytest.raises(ValueError, match=r"^kernel: '.*' is not (supported|built)"):
+            _core.set_kernel(name)
