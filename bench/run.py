@@ -37,8 +37,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import knnmem
 import numpy as np
+
+import knnmem
 from knnmem.eval import bins_for_recall, exact_search, expected_recall, recall
 
 # -- workloads -------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import knnmem
 import numpy as np
+
+import knnmem
 
 
 class Stream:

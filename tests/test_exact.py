@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import knnmem
 import numpy as np
 import pytest
+
+import knnmem
 from conftest import Stream, score_tol, untied
 from knnmem.eval import exact_search
 

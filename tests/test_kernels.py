@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import score_tol, untied
 
 import knnmem
+from conftest import score_tol, untied
 from knnmem import _core
 
 VARIANTS = _core.supported_kernels()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import knnmem
 import numpy as np
 import pytest
+
+import knnmem
 from knnmem.eval import bins_for_recall, expected_recall, recall
 
 CAPACITY = 32768
