@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -84,13 +85,34 @@ void check_finite(const float* data, const py::array& a, const char* name) {
   throw InvalidArgument(s.str());
 }
 
-const float* checked_input(const py::array& a, const char* name,
-                           const std::vector<int64_t>& expected, const std::string& what) {
+// A [*grid, rows, cols] input: the leading dimensions hold the grid's cells
+// (the caller's grid shape), so messages can use the caller's coordinates.
+int64_t rows_of(const py::array& a) { return a.ndim() >= 3 ? a.shape(a.ndim() - 2) : -1; }
+
+const float* checked_input(const py::array& a, const char* name, int64_t grid, int64_t rows,
+                           int64_t cols, const std::string& what) {
   check_float32(a, name);
-  check_shape(a, name, expected, what);
+  int64_t cells = 1;
+  for (py::ssize_t d = 0; d + 2 < a.ndim(); ++d) cells *= a.shape(d);
+  if (a.ndim() < 3 || cells != grid || (rows >= 0 && rows_of(a) != rows) ||
+      a.shape(a.ndim() - 1) != cols) {
+    throw InvalidArgument(std::string(name) + ": expected shape " + what + ", got " + shape_str(a));
+  }
   const float* data = static_cast<const float*>(a.data());
   check_finite(data, a, name);
   return data;
+}
+
+// Appending T rows must leave every position counter within int64.
+void check_room(const int64_t* written, int64_t grid, int64_t rows, const char* name) {
+  for (int64_t g = 0; g < grid; ++g) {
+    if (written[g] > INT64_MAX - rows) {
+      throw InvalidArgument(std::string(name) + ": adding " + std::to_string(rows) +
+                            " rows after " + std::to_string(written[g]) +
+                            " overflows the 64-bit position counter of memory " +
+                            std::to_string(g));
+    }
+  }
 }
 
 double checked_recall_target(double recall_target) {
@@ -220,6 +242,8 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const std::length_error& e) {
       PyErr_SetString(PyExc_MemoryError, e.what());
+    } catch (const knnmem::AllocationError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     }
   });
 
@@ -246,13 +270,14 @@ PYBIND11_MODULE(_core, m) {
           "add",
           [](knnmem::Memory& self, const py::array& keys, const py::array& values) {
             const int64_t G = self.grid();
-            const int64_t T = keys.ndim() == 3 ? keys.shape(1) : -1;
+            const int64_t T = rows_of(keys);
             const float* k =
-                checked_input(keys, "keys", {G, T, self.key_dim()},
+                checked_input(keys, "keys", G, T, self.key_dim(),
                               dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
             const float* v = checked_input(
-                values, "values", {G, T, self.value_dim()},
+                values, "values", G, T, self.value_dim(),
                 dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
+            check_room(self.written().data(), G, T, "keys");
             py::gil_scoped_release release;
             self.add(k, v, T);
           },
@@ -265,9 +290,9 @@ PYBIND11_MODULE(_core, m) {
             checked_k(k, self.capacity());
             checked_recall_target(recall_target);
             const float* q =
-                checked_input(queries, "queries", {G, -1, self.key_dim()},
+                checked_input(queries, "queries", G, -1, self.key_dim(),
                               dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
-            const int64_t nq = queries.shape(1);
+            const int64_t nq = rows_of(queries);
             return run_search(G, nq, k, self.key_dim(), self.value_dim(),
                               [&](const knnmem::SearchOutput& out) {
                                 self.search(q, nq, k, recall_target, out);
@@ -296,9 +321,9 @@ PYBIND11_MODULE(_core, m) {
         checked_k(k, view.capacity);
         checked_recall_target(recall_target);
         const float* q =
-            checked_input(queries, "queries", {view.grid, -1, view.key_dim},
+            checked_input(queries, "queries", view.grid, -1, view.key_dim,
                           dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
-        const int64_t nq = queries.shape(1);
+        const int64_t nq = rows_of(queries);
         return run_search(view.grid, nq, k, view.key_dim, view.value_dim,
                           [&](const knnmem::SearchOutput& out) {
                             knnmem::search(view, q, nq, {k, recall_target, parsed}, out);
@@ -314,13 +339,14 @@ PYBIND11_MODULE(_core, m) {
          const py::array& new_keys, const py::array& new_values) {
         RingArrays ring = ring_view(keys, values, written, true);
         const knnmem::MutableMemoryView& view = ring.view;
-        const int64_t T = new_keys.ndim() == 3 ? new_keys.shape(1) : -1;
+        const int64_t T = rows_of(new_keys);
         const float* nk =
-            checked_input(new_keys, "new_keys", {view.grid, T, view.key_dim},
+            checked_input(new_keys, "new_keys", view.grid, T, view.key_dim,
                           dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
         const float* nv = checked_input(
-            new_values, "new_values", {view.grid, T, view.value_dim},
+            new_values, "new_values", view.grid, T, view.value_dim,
             dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
+        check_room(view.written, view.grid, T, "written");
         py::gil_scoped_release release;
         knnmem::add(view, nk, nv, T);
       },

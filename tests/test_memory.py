@@ -115,6 +115,19 @@ def test_empty_and_partly_filled_memories() -> None:
     assert np.all(np.isfinite(res.scores[..., :2]))
 
 
+@pytest.mark.parametrize("held", [32, 33, 40, 200])
+def test_a_memory_holding_k_rows_returns_k_entries(held: int) -> None:
+    # Bins are strided over physical slots; in a memory that is far from full most
+    # bins are empty, and a search must still return min(k, held) entries.
+    rng = np.random.default_rng(held)
+    mem = knnmem.Memory(2, capacity=65536, key_dim=8, value_dim=1)
+    mem.add(rows(rng, (2,), held, 8), rows(rng, (2,), held, 1))
+    for target in (0.5, 0.9):
+        res = mem.search(rows(rng, (2,), 16, 8), k=32, recall_target=target)
+        assert res.mask.all()
+        assert np.all((res.indices >= 0) & (res.indices < held))
+
+
 def test_search_with_no_queries_and_add_with_no_rows() -> None:
     mem = knnmem.Memory((2,), capacity=4, key_dim=3, value_dim=3)
     mem.add(np.zeros((2, 0, 3)), np.zeros((2, 0, 3)))

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <shared_mutex>
 #include <string>
 
 #include "core/assert.hpp"
@@ -32,9 +33,12 @@ int64_t checked_bytes(int64_t a, int64_t b, int64_t c, const char* what) {
 
 // Zeroed storage aligned to kAlign. calloc hands out untouched pages for big
 // blocks, so a large memory costs RAM only as it fills.
-float* alloc_zeroed(int64_t bytes) {
+float* alloc_zeroed(int64_t bytes, const char* what) {
   void* raw = std::calloc(static_cast<std::size_t>(bytes + kAlign + sizeof(void*)), 1);
-  if (raw == nullptr) throw std::bad_alloc();
+  if (raw == nullptr) {
+    throw AllocationError(std::string(what) + ": cannot allocate " + std::to_string(bytes) +
+                          " bytes");
+  }
   auto start = reinterpret_cast<uintptr_t>(raw) + sizeof(void*);
   auto aligned = (start + kAlign - 1) & ~static_cast<uintptr_t>(kAlign - 1);
   reinterpret_cast<void**>(aligned)[-1] = raw;
@@ -109,15 +113,40 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
   const int64_t aux_bytes = checked_bytes(grid, padded, 1, "norms");
   placement_ = Placement::shared(capacity);
   try {
-    keys_ = alloc_zeroed(key_bytes);
-    values_ = alloc_zeroed(value_bytes);
-    key_aux_ = alloc_zeroed(aux_bytes);
+    keys_ = alloc_zeroed(key_bytes, "keys");
+    values_ = alloc_zeroed(value_bytes, "values");
+    key_aux_ = alloc_zeroed(aux_bytes, "norms");
   } catch (...) {
     free_aligned(keys_);
     free_aligned(values_);
     throw;
   }
   written_.assign(static_cast<std::size_t>(grid), 0);
+}
+
+void RWLock::lock_shared() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return !writing_ && writers_waiting_ == 0; });
+  ++readers_;
+}
+
+void RWLock::unlock_shared() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (--readers_ == 0) changed_.notify_all();
+}
+
+void RWLock::lock() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  ++writers_waiting_;
+  changed_.wait(lock, [&] { return !writing_ && readers_ == 0; });
+  --writers_waiting_;
+  writing_ = true;
+}
+
+void RWLock::unlock() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  writing_ = false;
+  changed_.notify_all();
 }
 
 Memory::~Memory() {
@@ -150,31 +179,31 @@ MutableMemoryView Memory::view_unlocked() const {
 }
 
 void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows) {
-  std::unique_lock<std::shared_mutex> lock(mutex_);
+  std::unique_lock<RWLock> lock(mutex_);
   knnmem::add(view_unlocked(), new_keys, new_values, num_rows);
 }
 
 void Memory::search(const float* queries, int64_t num_queries, int64_t k, double recall_target,
                     const SearchOutput& out) const {
-  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::shared_lock<RWLock> lock(mutex_);
   const SearchOptions options{k, recall_target, metric_};
   knnmem::search(view_unlocked().as_const(), queries, num_queries, options, out);
 }
 
 void Memory::clear(const uint8_t* clear_mask) {
-  std::unique_lock<std::shared_mutex> lock(mutex_);
+  std::unique_lock<RWLock> lock(mutex_);
   for (int64_t g = 0; g < grid_; ++g) {
     if (clear_mask == nullptr || clear_mask[g]) written_[g] = 0;
   }
 }
 
 std::vector<int64_t> Memory::written() const {
-  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::shared_lock<RWLock> lock(mutex_);
   return written_;
 }
 
 std::vector<int64_t> Memory::count() const {
-  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::shared_lock<RWLock> lock(mutex_);
   std::vector<int64_t> out(written_.size());
   for (std::size_t g = 0; g < out.size(); ++g) out[g] = std::min(written_[g], capacity_);
   return out;

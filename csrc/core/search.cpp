@@ -90,19 +90,20 @@ struct Plan {
   int64_t splits;  // slot ranges per memory
 };
 
-int64_t bins_for(const Plan& p, int64_t live) {
-  return p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
+// Bins for a memory holding `live` rows; 0 = exact top-k.
+int64_t bins_for(const Plan& p, int64_t live, bool exact) {
+  return exact || p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
 }
 
 // Scans slots [s_begin, s_end) of memory g for queries [q0, q1).
 void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
-               Partial& part) {
+               bool exact, Partial& part) {
   const MemoryView& m = *p.m;
   const int64_t written = m.written[g];
   const int64_t nq = q1 - q0;
   const int64_t dim = m.key_dim;
   const Metric metric = p.opt->metric;
-  const int64_t num_bins = bins_for(p, std::min(written, m.capacity));
+  const int64_t num_bins = bins_for(p, std::min(written, m.capacity), exact);
   part.init(nq, num_bins, p.opt->k);
   if (s_begin >= s_end) return;
 
@@ -214,35 +215,51 @@ void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& c
 }
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
-// and writes the results of queries [q0, q1).
-void finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts) {
+// and writes the results of queries [q0, q1). Returns false, writing nothing,
+// if some query found fewer than min(k, live) candidates: in a memory that is
+// not full, bins over physical slots can be empty, and then only an exact
+// search returns every row the caller is owed.
+bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts,
+            bool exact) {
   const int64_t live = std::min(p.m->written[g], p.m->capacity);
-  const int64_t L = bins_for(p, live);
-  std::vector<Candidate> cands;
-  std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
+  const int64_t L = bins_for(p, live, exact);
+  const int64_t owed = std::min(p.opt->k, live);
+  std::vector<std::vector<Candidate>> cands(static_cast<std::size_t>(q1 - q0));
   for (int64_t q = 0; q < q1 - q0; ++q) {
-    cands.clear();
-    if (live == 0) {
-      // nothing held: every entry empty
-    } else if (L > 0) {
+    std::vector<Candidate>& c = cands[static_cast<std::size_t>(q)];
+    if (live == 0) continue;
+    if (L > 0) {
       for (int64_t b = 0; b < L; ++b) {
         Candidate best{kNegInf, -1};
         for (int64_t s = 0; s < nparts; ++s) {
           const float v = parts[s].best[q * L + b];
           if (v > best.score) best = {v, parts[s].slot[q * L + b]};
         }
-        if (best.slot >= 0) cands.push_back(best);
+        if (best.slot >= 0) c.push_back(best);
       }
+      if (static_cast<int64_t>(c.size()) < owed) return false;
     } else {
       for (int64_t s = 0; s < nparts; ++s) {
         const cpu::TopKBuffers& t = parts[s].topk;
         for (int64_t i = 0; i < t.sizes[q]; ++i) {
-          cands.push_back({t.scores[q * t.capacity + i], t.slots[q * t.capacity + i]});
+          c.push_back({t.scores[q * t.capacity + i], t.slots[q * t.capacity + i]});
         }
       }
     }
-    write_result(p, g, q0 + q, cands, scratch);
   }
+  std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
+  for (int64_t q = 0; q < q1 - q0; ++q) {
+    write_result(p, g, q0 + q, cands[static_cast<std::size_t>(q)], scratch);
+  }
+  return true;
+}
+
+// Exact search of memory g for queries [q0, q1) in this thread.
+void search_exact(const Plan& p, int64_t g, int64_t q0, int64_t q1) {
+  Partial part;
+  scan_part(p, g, q0, q1, 0, scan_range(p.m->capacity, p.m->written[g]).end, true, part);
+  const bool complete = finish(p, g, q0, q1, &part, 1, true);
+  KNNMEM_ASSERT(complete);
 }
 
 // Slot range `s` of `splits` over [0, end), cut at panel boundaries.
@@ -290,8 +307,8 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
       const int64_t g = static_cast<int64_t>(i) / p.chunks;
       const auto [q0, q1] = queries_of(static_cast<int64_t>(i) % p.chunks);
       Partial part;
-      scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, part);
-      finish(p, g, q0, q1, &part, 1);
+      scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, false, part);
+      if (!finish(p, g, q0, q1, &part, 1, false)) search_exact(p, g, q0, q1);
     });
     return;
   }
@@ -302,12 +319,14 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     const auto [q0, q1] = queries_of(t % p.chunks);
     const int64_t end = scan_range(memory.capacity, memory.written[g]).end;
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
-    scan_part(p, g, q0, q1, s0, s1, parts[i]);
+    scan_part(p, g, q0, q1, s0, s1, false, parts[i]);
   });
   detail::parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t t) {
     const int64_t g = static_cast<int64_t>(t) / p.chunks;
     const auto [q0, q1] = queries_of(static_cast<int64_t>(t) % p.chunks);
-    finish(p, g, q0, q1, parts.data() + t * p.splits, p.splits);
+    if (!finish(p, g, q0, q1, parts.data() + t * p.splits, p.splits, false)) {
+      search_exact(p, g, q0, q1);
+    }
   });
 }
 

@@ -1,8 +1,8 @@
-"""Conversion of numpy / torch / JAX arrays at the boundary of the API.
+"""Conversion and checking of arguments at the boundary of the API.
 
-Inputs of any of the three frameworks come in as float32 numpy arrays (a
-zero-copy view where the input already is one); results go back out in the
-framework the queries came from.
+Inputs of numpy, torch or JAX come in as float32 numpy arrays (a zero-copy view
+where the input already is one); results go back out in the framework the
+queries came from. Every message names the argument.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_F32_MAX = float(np.finfo(np.float32).max)
+INT64_MAX = 2**63 - 1
 
 
 def framework_of(x: Any) -> str:
@@ -24,20 +26,40 @@ def framework_of(x: Any) -> str:
     return "numpy"
 
 
+def as_array(x: Any, name: str) -> np.ndarray:
+    """np.asarray(x), with a message naming the argument when it cannot be one."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: expected an array, got {type(x).__name__} ({e})") from None
+
+
+def index_str(index: tuple) -> str:
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
 def as_float32(x: Any, name: str) -> np.ndarray:
-    """A C-contiguous float32 numpy array holding `x`; TypeError for non-floats."""
+    """A C-contiguous float32 numpy array holding `x`; TypeError for non-floats,
+    ValueError for float64 values outside the float32 range."""
     if framework_of(x) == "torch":
         x = x.detach()
         if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
             x = x.float()
         x = x.cpu().numpy()
-    arr = np.asarray(x)
+    arr = as_array(x, name)
     if arr.dtype.name not in _FLOAT_NAMES:
         raise TypeError(
             f"{name}: expected a floating-point array ({', '.join(_FLOAT_NAMES)}), "
             f"got dtype {arr.dtype.name}"
         )
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype == np.float64:
+        outside = ~(np.abs(arr) <= _F32_MAX)  # NaN, Inf and finite values float32 cannot hold
+        if outside.any():
+            at = np.unravel_index(int(np.argmax(outside)), arr.shape)
+            value = float(arr[at])
+            what = "values within the float32 range" if np.isfinite(value) else "finite values"
+            raise ValueError(f"{name}: expected {what}, got {value!r} at index {index_str(at)}")
+    return np.asarray(arr, dtype=np.float32, order="C")
 
 
 def to_framework(arr: np.ndarray, framework: str) -> Any:
@@ -52,13 +74,17 @@ def to_framework(arr: np.ndarray, framework: str) -> Any:
     return arr
 
 
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """`value` as a Python int; TypeError for non-integers (bool included)."""
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
+    """`value` as a Python int; TypeError for non-integers (bool included), ValueError
+    outside [minimum, maximum]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    if value > maximum:
+        lo = "" if minimum is None else f"{minimum}"
+        raise ValueError(f"{name}: expected an integer in [{lo}, {maximum}], got {value}")
     return value
 
 

@@ -8,7 +8,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
-from ._arrays import as_float32, check_grid_array, check_int, framework_of, to_framework
+from ._arrays import (
+    INT64_MAX,
+    as_array,
+    as_float32,
+    check_grid_array,
+    check_int,
+    framework_of,
+    to_framework,
+)
 
 KEY_DTYPES = ("float32",)
 METRICS = ("ip", "cosine", "l2")
@@ -43,14 +51,29 @@ def normalize_shape(shape: Any) -> tuple[int, ...]:
         ) from None
     if len(dims) == 0:
         raise ValueError("shape: expected at least one grid dimension, got ()")
-    return tuple(check_int(d, "shape", minimum=1) for d in dims)
+    dims = tuple(check_int(d, "shape", minimum=1, maximum=2**256) for d in dims)
+    if math.prod(dims) > INT64_MAX:
+        raise MemoryError(f"shape: a grid of {math.prod(dims)} memories cannot be allocated")
+    return dims
+
+
+MAX_CAPACITY = 2**31 - 1  # slots are int32 in the placement tables
+
+
+def check_sizes(capacity: Any, key_dim: Any, value_dim: Any) -> tuple[int, int, int]:
+    """(capacity, key_dim, value_dim) as ints; value_dim None means key_dim."""
+    capacity = check_int(capacity, "capacity", minimum=1, maximum=MAX_CAPACITY)
+    key_dim = check_int(key_dim, "key_dim", minimum=1)
+    value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", minimum=1)
+    return capacity, key_dim, value_dim
 
 
 def check_search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]:
-    k = check_int(k, "k")
+    k = check_int(k, "k", maximum=2**256)
     if not 1 <= k <= capacity:
         raise ValueError(f"k: expected an integer in [1, capacity={capacity}], got {k}")
-    if isinstance(recall_target, bool) or not isinstance(recall_target, (int, float, np.number)):
+    real = (int, float, np.integer, np.floating)
+    if isinstance(recall_target, (bool, np.bool_)) or not isinstance(recall_target, real):
         raise TypeError(
             f"recall_target: expected a number in (0, 1], got {type(recall_target).__name__}"
         )
@@ -98,12 +121,12 @@ class Memory:
         metric: str = "ip",
     ) -> None:
         self._shape = normalize_shape(shape)
-        capacity = check_int(capacity, "capacity", minimum=1)
-        if capacity > 2**31 - 1:
-            raise ValueError(f"capacity: expected an integer in [1, 2147483647], got {capacity}")
-        key_dim = check_int(key_dim, "key_dim", minimum=1)
-        value_dim = key_dim if value_dim is None else check_int(value_dim, "value_dim", minimum=1)
-        dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        capacity, key_dim, value_dim = check_sizes(capacity, key_dim, value_dim)
+        if not isinstance(dtype, str) and dtype is not None:
+            try:
+                dtype = np.dtype(dtype).name
+            except TypeError:
+                raise TypeError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}") from None
         if dtype not in KEY_DTYPES:
             raise ValueError(
                 f"dtype: expected one of {KEY_DTYPES} (bfloat16, float16 and int8 key "
@@ -174,8 +197,7 @@ class Memory:
         values = as_float32(values, "values")
         t = check_grid_array(keys, "keys", self._shape, None, self.key_dim, "T", "key_dim")
         check_grid_array(values, "values", self._shape, t, self.value_dim, "T", "value_dim")
-        grid = self._core.grid
-        self._core.add(keys.reshape(grid, t, self.key_dim), values.reshape(grid, t, self.value_dim))
+        self._core.add(keys, values)
 
     def search(self, queries: Any, k: int = 32, recall_target: float = 0.9) -> SearchResult:
         """Approximate top-k of queries [*shape, Q, key_dim] in their memories.
@@ -186,33 +208,51 @@ class Memory:
         framework = framework_of(queries)
         k, recall_target = check_search_args(k, recall_target, self.capacity)
         q = as_float32(queries, "queries")
-        nq = check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
-        raw = self._core.search(q.reshape(self._core.grid, nq, self.key_dim), k, recall_target)
+        check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
+        raw = self._core.search(q, k, recall_target)
         return wrap_result(raw, self._shape, framework)
 
     def clear(self, which: Any = None) -> None:
         """Empties memories: all (None), a bool mask of the grid's shape, or indices
-        into the grid (anything numpy accepts as an index of a [*shape] array,
-        e.g. an int, a list of ints for a 1-D grid, or a tuple of index arrays).
+        into the grid as numpy takes them for a [*shape] array (an int, a list or
+        array of ints for the first axis, a tuple with one per axis, slices).
         O(1) per memory."""
         if which is None:
             self._core.clear(None)
             return
-        mask = np.zeros(self._shape, dtype=bool)
-        arr = np.asarray(which) if not isinstance(which, tuple) else None
+        self._core.clear(grid_mask(which, self._shape).reshape(-1))
+
+
+def _index_part(x: Any) -> Any:
+    """One component of a grid index, checked: ints, int arrays, slices."""
+    if x is Ellipsis or isinstance(x, slice):
+        return x
+    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+        return x
+    arr = as_array(x, "which")
+    if arr.size == 0 and arr.dtype.kind in "fO":  # [] comes in as float64
+        return arr.astype(np.intp)
+    if arr.dtype.kind in "iu" or (arr.dtype == object and all(type(v) is int for v in arr.flat)):
+        return arr
+    raise TypeError(f"which: expected None, a bool mask or integer indices, got dtype {arr.dtype}")
+
+
+def grid_mask(which: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A [*shape] bool array selecting the memories `which` names."""
+    mask = np.zeros(shape, dtype=bool)
+    if isinstance(which, tuple):
+        index = tuple(_index_part(x) for x in which)
+    else:
+        arr = None if isinstance(which, slice) or which is Ellipsis else as_array(which, "which")
         if arr is not None and arr.dtype == bool:
-            if arr.shape != self._shape:
+            if arr.shape != shape:
                 raise ValueError(
-                    f"which: expected a bool mask of shape {self._shape}, got shape {arr.shape}"
+                    f"which: expected a bool mask of shape {shape}, got shape {arr.shape}"
                 )
-            mask = arr.copy()
-        else:
-            if arr is not None and arr.dtype.kind not in "iu":
-                raise TypeError(
-                    f"which: expected None, a bool mask or integer indices, got dtype {arr.dtype}"
-                )
-            try:
-                mask[which] = True
-            except IndexError as e:
-                raise IndexError(f"which: {e} (grid shape {self._shape})") from None
-        self._core.clear(np.ascontiguousarray(mask.reshape(-1)))
+            return arr.copy()
+        index = _index_part(which)
+    try:
+        mask[index] = True
+    except (IndexError, OverflowError) as e:
+        raise IndexError(f"which: {e} (grid shape {shape})") from None
+    return mask

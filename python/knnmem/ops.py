@@ -21,8 +21,15 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._arrays import as_float32, check_grid_array, framework_of
-from .memory import METRICS, SearchResult, check_search_args, normalize_shape, wrap_result
+from ._arrays import INT64_MAX, as_array, as_float32, check_grid_array, framework_of, index_str
+from .memory import (
+    METRICS,
+    SearchResult,
+    check_search_args,
+    check_sizes,
+    normalize_shape,
+    wrap_result,
+)
 
 __all__ = ["init", "add", "search", "placement"]
 
@@ -30,6 +37,7 @@ __all__ = ["init", "add", "search", "placement"]
 def placement(capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """(slot_of, offset_of): int32 [capacity]. Row p lands in slot_of[p % capacity];
     offset_of is the inverse permutation."""
+    capacity, _, _ = check_sizes(capacity, 1, 1)
     return _core.placement(capacity)
 
 
@@ -38,30 +46,60 @@ def init(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Zeroed (keys, values, written) for an empty grid of memories."""
     shape = normalize_shape(shape)
-    value_dim = key_dim if value_dim is None else value_dim
-    return (
-        np.zeros((*shape, capacity, key_dim), np.float32),
-        np.zeros((*shape, capacity, value_dim), np.float32),
-        np.zeros(shape, np.int64),
-    )
+    capacity, key_dim, value_dim = check_sizes(capacity, key_dim, value_dim)
+    out = []
+    for name, dims, dtype in (
+        ("keys", (*shape, capacity, key_dim), np.float32),
+        ("values", (*shape, capacity, value_dim), np.float32),
+        ("written", shape, np.int64),
+    ):
+        try:
+            out.append(np.zeros(dims, dtype))
+        except (MemoryError, ValueError):
+            raise MemoryError(f"{name}: cannot allocate an array of shape {dims}") from None
+    return out[0], out[1], out[2]
 
 
-def _flat(keys: np.ndarray, values: np.ndarray, written: np.ndarray):
+def _ring(keys: np.ndarray, values: np.ndarray, written: np.ndarray, in_place: bool = False):
+    """Checks the ring's shapes (and, for in-place updates, that reshaping makes views);
+    returns (grid shape, keys, values, written) viewed as [G, capacity, key_dim],
+    [G, capacity, value_dim], [G]."""
     shape = tuple(written.shape)
-    if keys.ndim != len(shape) + 2 or keys.shape[: len(shape)] != shape:
+    if keys.ndim != len(shape) + 2 or keys.shape[: len(shape)] != shape or 0 in keys.shape[-2:]:
         raise ValueError(
-            f"keys: expected shape (*written.shape={shape}, capacity, key_dim), "
-            f"got {tuple(keys.shape)}"
+            f"keys: expected shape (*written.shape={shape}, capacity, key_dim) with capacity "
+            f"and key_dim >= 1, got {tuple(keys.shape)}"
         )
+    capacity = keys.shape[-2]
+    if (
+        values.ndim != len(shape) + 2
+        or values.shape[: len(shape) + 1] != (*shape, capacity)
+        or values.shape[-1] == 0
+    ):
+        spelled = ", ".join([*map(str, shape), f"capacity={capacity}", "value_dim"])
+        raise ValueError(f"values: expected shape ({spelled}), got {tuple(values.shape)}")
+    if in_place:
+        for arr, name in ((keys, "keys"), (values, "values"), (written, "written")):
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"{name}: expected a C-contiguous array (it is updated in place)")
     grid = int(np.prod(shape, dtype=np.int64))
-    capacity, key_dim = keys.shape[-2:]
-    check_grid_array(values, "values", shape, capacity, values.shape[-1], "capacity", "value_dim")
     return (
         shape,
-        keys.reshape(grid, capacity, key_dim),
-        values.reshape(grid, capacity, values.shape[-1]),
+        keys.reshape(grid, *keys.shape[-2:]),
+        values.reshape(grid, *values.shape[-2:]),
         written.reshape(grid),
     )
+
+
+def _check_written(written: np.ndarray) -> None:
+    if written.dtype.kind not in "iu":
+        raise TypeError(f"written: expected an integer array, got dtype {written.dtype}")
+    if written.size and (written.min() < 0 or written.max() > INT64_MAX):
+        bad = written < 0 if written.min() < 0 else written > INT64_MAX
+        at = np.unravel_index(int(np.argmax(bad)), written.shape)
+        raise ValueError(
+            f"written: expected counts in [0, 2**63-1], got {written[at]} at index {index_str(at)}"
+        )
 
 
 def add(
@@ -72,18 +110,25 @@ def add(
     new_values: Any,
 ) -> None:
     """Appends new_keys [*shape, T, key_dim] / new_values [*shape, T, value_dim] in
-    place (FIFO). keys, values must be writeable C-contiguous float32 numpy arrays
-    and written a writeable int64 array; they are checked before anything changes."""
-    for arr, name in ((keys, "keys"), (values, "values"), (written, "written")):
+    place (FIFO). keys and values must be writeable C-contiguous float32 numpy arrays,
+    written a writeable C-contiguous int64 array; everything is checked before
+    anything changes."""
+    for arr, name, dtype in (
+        (keys, "keys", np.float32),
+        (values, "values", np.float32),
+        (written, "written", np.int64),
+    ):
         if not isinstance(arr, np.ndarray):
             raise TypeError(f"{name}: expected a numpy array (updated in place), got {type(arr)}")
-    shape, k, v, w = _flat(keys, values, written)
+        if arr.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
+    shape, k, v, w = _ring(keys, values, written, in_place=True)
+    _check_written(written)
     nk = as_float32(new_keys, "new_keys")
     nv = as_float32(new_values, "new_values")
     t = check_grid_array(nk, "new_keys", shape, None, k.shape[-1], "T", "key_dim")
     check_grid_array(nv, "new_values", shape, t, v.shape[-1], "T", "value_dim")
-    grid = w.shape[0]
-    _core.add(k, v, w, nk.reshape(grid, t, -1), nv.reshape(grid, t, -1))
+    _core.add(k, v, w, nk, nv)
 
 
 def search(
@@ -100,15 +145,14 @@ def search(
     framework = framework_of(queries)
     keys = as_float32(keys, "keys")
     values = as_float32(values, "values")
-    written = np.ascontiguousarray(np.asarray(written))
-    if written.dtype.kind not in "iu":
-        raise TypeError(f"written: expected an integer array, got dtype {written.dtype}")
+    written = np.ascontiguousarray(as_array(written, "written"))
+    _check_written(written)
     written = written.astype(np.int64, copy=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    shape, k_, v_, w_ = _flat(keys, values, written)
+    shape, k_, v_, w_ = _ring(keys, values, written)
     k, recall_target = check_search_args(k, recall_target, k_.shape[1])
     q = as_float32(queries, "queries")
-    nq = check_grid_array(q, "queries", shape, None, k_.shape[-1], "Q", "key_dim")
-    raw = _core.search(k_, v_, w_, q.reshape(w_.shape[0], nq, -1), k, recall_target, metric)
+    check_grid_array(q, "queries", shape, None, k_.shape[-1], "Q", "key_dim")
+    raw = _core.search(k_, v_, w_, q, k, recall_target, metric)
     return wrap_result(raw, shape, framework)

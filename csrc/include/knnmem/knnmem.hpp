@@ -23,10 +23,11 @@
 // clear) lives in slot placement(p mod capacity), see `Placement`.
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <shared_mutex>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -39,6 +40,30 @@ namespace knnmem {
 class InvalidArgument : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
+};
+
+// Storage that could not be allocated; the message names what and how much.
+// Front ends turn it into MemoryError.
+class AllocationError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A reader/writer lock that lets a waiting writer in before new readers, so a
+// stream of searches cannot starve add() or clear().
+class RWLock {
+ public:
+  void lock_shared();
+  void unlock_shared();
+  void lock();
+  void unlock();
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  int64_t readers_ = 0;
+  int64_t writers_waiting_ = 0;
+  bool writing_ = false;
 };
 
 enum class Metric : int {
@@ -232,7 +257,7 @@ class Memory {
   float* values_ = nullptr;
   float* key_aux_ = nullptr;
   std::vector<int64_t> written_;
-  mutable std::shared_mutex mutex_;
+  mutable RWLock mutex_;
 };
 
 }  // namespace knnmem
