@@ -279,7 +279,7 @@ FINITE = r"expected finite values, got"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
-@pytest.mark.parametrize(("bad", "tag"), zip(NONFINITE, NONFINITE_IDS), ids=NONFINITE_IDS)
+@pytest.mark.parametrize(("bad", "tag"), list(zip(NONFINITE, NONFINITE_IDS)), ids=NONFINITE_IDS)
 @pytest.mark.parametrize(("arg", "index"), [("keys", (2, 1, 3, 6)), ("values", (0, 1, 0, 4))])
 def test_add_rejects_nonfinite(mem, arg, index, bad, tag, dtype):
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
