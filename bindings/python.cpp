@@ -249,12 +249,16 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<knnmem::Memory>(m, "Memory")
       .def(py::init([](int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
-                       const std::string& metric) {
+                       const std::string& metric, const std::string& dtype) {
              return new knnmem::Memory(grid, capacity, key_dim, value_dim,
-                                       knnmem::parse_metric(metric));
+                                       knnmem::parse_metric(metric),
+                                       knnmem::parse_key_format(dtype));
            }),
            py::arg("grid"), py::arg("capacity"), py::arg("key_dim"), py::arg("value_dim"),
-           py::arg("metric") = "ip")
+           py::arg("metric") = "ip", py::arg("dtype") = "float32")
+      .def_property_readonly(
+          "dtype",
+          [](const knnmem::Memory& self) { return knnmem::key_format_name(self.key_format()); })
       .def_property_readonly("grid", &knnmem::Memory::grid)
       .def_property_readonly("capacity", &knnmem::Memory::capacity)
       .def_property_readonly("key_dim", &knnmem::Memory::key_dim)

@@ -139,10 +139,11 @@ SIZE_CASES = [
     case("key_dim=None", dict(key_dim=None), TypeError, r"^key_dim: expected an integer"),
 ]
 
+DTYPE_MESSAGE = r"^dtype: expected one of \('float32', 'bfloat16'\)"
 STORAGE_CASES = (
     [
-        case(f"dtype={d!r}", dict(dtype=d), ValueError, r"^dtype: expected one of \('float32',\)")
-        for d in ("float64", "int8", "bfloat16", "bogus", np.float64, None)
+        case(f"dtype={d!r}", dict(dtype=d), ValueError, DTYPE_MESSAGE)
+        for d in ("float64", "int8", "float16", "bogus", np.float64, None)
     ]
     + [
         case("dtype=123", dict(dtype=123), (TypeError, ValueError), r"^dtype:"),

@@ -93,3 +93,46 @@ def test_metric_scores_on_known_vectors() -> None:
         np.testing.assert_allclose(res.scores[0, 0], scores, rtol=1e-6)
         np.testing.assert_array_equal(res.indices[0, 0], order)
         np.testing.assert_array_equal(res.values[0, 0], values[0][order])
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_bfloat16_keys(metric: str) -> None:
+    # bfloat16 storage: exact search equals the float64 reference over the keys
+    # rounded to bfloat16 (queries may be rounded too, on CPUs with AVX512_BF16);
+    # the keys returned are the rounded keys, the values exact.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(8)
+    d = 37
+    keys = rng.standard_normal((2, 300, d)).astype(np.float32)
+    values = rng.standard_normal((2, 300, 4)).astype(np.float32)
+    mem = knnmem.Memory(2, capacity=256, key_dim=d, value_dim=4, metric=metric, dtype="bfloat16")
+    mem.add(keys, values)
+    assert mem.dtype == "bfloat16"
+    rounded = keys.astype(ml_dtypes.bfloat16).astype(np.float32)[:, -256:]
+    q = rng.standard_normal((2, 11, d)).astype(np.float32)
+    res = mem.search(q, k=10, recall_target=1.0)
+    ref_s, ref_i = exact_search(rounded, q, 10, metric=metric)
+    scale = np.abs(ref_s).max() if metric != "cosine" else 1.0
+    np.testing.assert_allclose(res.scores, ref_s, rtol=0, atol=2.0**-7 * scale)
+    hits = res.indices - 44  # positions 44..299 are held
+    held_keys = np.take_along_axis(rounded[:, None], hits[..., None], 2)
+    np.testing.assert_array_equal(res.keys, held_keys)
+    np.testing.assert_array_equal(
+        res.values, np.take_along_axis(values[:, -256:][:, None], hits[..., None], 2)
+    )
+    assert np.mean(res.indices == ref_i + 44) > 0.9
+
+
+def test_bfloat16_keys_keep_the_recall_target() -> None:
+    # Recall against float32 exact top-k: rounding the keys costs little.
+    rng = np.random.default_rng(9)
+    keys = rng.standard_normal((1, 16384, 64)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    q = keys[:, rng.integers(0, 16384, 1000)] + 0.1 * rng.standard_normal((1, 1000, 64))
+    _, truth = exact_search(keys, q, 32)
+    mem = knnmem.Memory(1, capacity=16384, key_dim=64, value_dim=1, dtype="bfloat16")
+    mem.add(keys, np.zeros((1, 16384, 1)))
+    from knnmem.eval import recall
+
+    assert recall(mem.search(q, k=32, recall_target=0.9).indices, truth) > 0.88
+    assert recall(mem.search(q, k=32, recall_target=1.0).indices, truth) > 0.97

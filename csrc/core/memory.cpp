@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/assert.hpp"
+#include "core/bf16.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -75,27 +76,47 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t slot = slot_of[(written + t) % m.capacity];
       const float* key = new_keys + (g * num_rows + t) * m.key_dim;
+      float stored_sq;
       if (m.key_layout == KeyLayout::kRows) {
-        std::memcpy(m.keys + (g * m.capacity + slot) * m.key_stride, key,
+        std::memcpy(static_cast<float*>(m.keys) + (g * m.capacity + slot) * m.key_stride, key,
                     sizeof(float) * m.key_dim);
-      } else {
-        float* panel = m.keys + (g * padded + slot / kPanelSlots * kPanelSlots) * m.key_dim;
+        stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
+      } else if (m.key_format == KeyFormat::kFloat32) {
+        float* panel = static_cast<float*>(m.keys) +
+                       (g * padded + slot / kPanelSlots * kPanelSlots) * m.key_dim;
         for (int64_t d = 0; d < m.key_dim; ++d) {
           panel[d * kPanelSlots + slot % kPanelSlots] = key[d];
+        }
+        stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
+      } else {  // bfloat16 pairs; norms of the rounded key, which is what is scored
+        const int64_t rows = (m.key_dim + 1) / 2;
+        uint32_t* panel =
+            static_cast<uint32_t*>(m.keys) + (g * padded + slot / kPanelSlots * kPanelSlots) * rows;
+        stored_sq = 0.0f;
+        for (int64_t i = 0; i < rows; ++i) {
+          const uint32_t word = detail::bf16_pair(key, m.key_dim, i);
+          panel[i * kPanelSlots + slot % kPanelSlots] = word;
+          const float lo = detail::from_bf16(static_cast<uint16_t>(word));
+          const float hi = detail::from_bf16(static_cast<uint16_t>(word >> 16));
+          stored_sq += lo * lo + hi * hi;
         }
       }
       std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
                   new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
-      if (m.key_aux) {
-        m.key_aux[g * padded + slot] = aux_of(m.aux_metric, cpu::squared_norm(key, m.key_dim));
-      }
+      if (m.key_aux) m.key_aux[g * padded + slot] = aux_of(m.aux_metric, stored_sq);
     }
   });
   for (int64_t g = 0; g < m.grid; ++g) m.written[g] += num_rows;
 }
 
-Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric)
-    : grid_(grid), capacity_(capacity), key_dim_(key_dim), value_dim_(value_dim), metric_(metric) {
+Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric,
+               KeyFormat key_format)
+    : grid_(grid),
+      capacity_(capacity),
+      key_dim_(key_dim),
+      value_dim_(value_dim),
+      metric_(metric),
+      key_format_(key_format) {
   auto positive = [](int64_t v, const char* name) {
     if (v < 1) {
       throw InvalidArgument(std::string(name) + ": expected an integer >= 1, got " +
@@ -108,7 +129,9 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
   positive(value_dim, "value_dim");
   // Check every size before allocating anything.
   const int64_t padded = padded_capacity(capacity);
-  const int64_t key_bytes = checked_bytes(grid, padded, key_dim, "keys");
+  // float32: one float per dim; bfloat16: one 32-bit word per pair of dims.
+  const int64_t key_words = key_format == KeyFormat::kBFloat16 ? (key_dim + 1) / 2 : key_dim;
+  const int64_t key_bytes = checked_bytes(grid, padded, key_words, "keys");
   const int64_t value_bytes = checked_bytes(grid, capacity, value_dim, "values");
   const int64_t aux_bytes = checked_bytes(grid, padded, 1, "norms");
   placement_ = Placement::shared(capacity);
@@ -117,7 +140,7 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
     values_ = alloc_zeroed(value_bytes, "values");
     key_aux_ = alloc_zeroed(aux_bytes, "norms");
   } catch (...) {
-    free_aligned(keys_);
+    free_aligned(static_cast<float*>(keys_));
     free_aligned(values_);
     throw;
   }
@@ -150,13 +173,14 @@ void RWLock::unlock() {
 }
 
 Memory::~Memory() {
-  free_aligned(keys_);
+  free_aligned(static_cast<float*>(keys_));
   free_aligned(values_);
   free_aligned(key_aux_);
 }
 
 int64_t Memory::nbytes() const {
-  return 4 * grid_ * (padded_capacity(capacity_) * (key_dim_ + 1) + capacity_ * value_dim_) +
+  const int64_t key_words = key_format_ == KeyFormat::kBFloat16 ? (key_dim_ + 1) / 2 : key_dim_;
+  return 4 * grid_ * (padded_capacity(capacity_) * (key_words + 1) + capacity_ * value_dim_) +
          8 * grid_ + 8 * capacity_;
 }
 
@@ -173,6 +197,7 @@ MutableMemoryView Memory::view_unlocked() const {
   v.value_dim = value_dim_;
   v.value_stride = value_dim_;
   v.key_layout = KeyLayout::kPanels;
+  v.key_format = key_format_;
   v.aux_metric = metric_;
   v.placement = placement_.get();
   return v;

@@ -24,6 +24,16 @@ const char* metric_name(Metric metric) {
   return "?";
 }
 
+KeyFormat parse_key_format(const std::string& name) {
+  if (name == "float32") return KeyFormat::kFloat32;
+  if (name == "bfloat16") return KeyFormat::kBFloat16;
+  throw InvalidArgument("dtype: expected one of 'float32', 'bfloat16', got '" + name + "'");
+}
+
+const char* key_format_name(KeyFormat format) {
+  return format == KeyFormat::kBFloat16 ? "bfloat16" : "float32";
+}
+
 double expected_recall(int64_t num_bins, int64_t k) {
   if (num_bins < 1 || k < 1) {
     throw InvalidArgument("expected_recall: num_bins and k must be >= 1, got num_bins=" +

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
+#include "core/bf16.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -107,17 +108,29 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   part.init(nq, num_bins, p.opt->k);
   if (s_begin >= s_end) return;
 
-  // Queries prepared for the metric: unit length for cosine, |q|^2 for l2.
-  std::vector<float> qbuf(static_cast<std::size_t>(nq * dim));
+  // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
+  // zero-padded to whole bfloat16 pairs, and rounded to pairs for bfloat16 keys.
+  const KeyFormat format = m.key_layout == KeyLayout::kPanels ? m.key_format : KeyFormat::kFloat32;
+  const int64_t pairs = (dim + 1) / 2;
+  const int64_t q_stride = format == KeyFormat::kBFloat16 ? 2 * pairs : dim;
+  std::vector<float> qbuf(static_cast<std::size_t>(nq * q_stride), 0.0f);
   std::vector<float> q_sq(static_cast<std::size_t>(nq), 0.0f);
-  std::memcpy(qbuf.data(), p.queries + (g * p.num_queries + q0) * dim, sizeof(float) * nq * dim);
-  if (metric != Metric::kInnerProduct) {
+  std::vector<uint32_t> qwords;
+  for (int64_t q = 0; q < nq; ++q) {
+    float* row = qbuf.data() + q * q_stride;
+    std::memcpy(row, p.queries + (g * p.num_queries + q0 + q) * dim, sizeof(float) * dim);
+    if (metric == Metric::kInnerProduct) continue;
+    q_sq[q] = cpu::squared_norm(row, dim);
+    if (metric == Metric::kCosine && q_sq[q] > 0.0f) {
+      const float inv = 1.0f / std::sqrt(q_sq[q]);
+      for (int64_t i = 0; i < dim; ++i) row[i] *= inv;
+    }
+  }
+  if (format == KeyFormat::kBFloat16) {
+    qwords.resize(static_cast<std::size_t>(nq * pairs));
     for (int64_t q = 0; q < nq; ++q) {
-      float* row = qbuf.data() + q * dim;
-      q_sq[q] = cpu::squared_norm(row, dim);
-      if (metric == Metric::kCosine && q_sq[q] > 0.0f) {
-        const float inv = 1.0f / std::sqrt(q_sq[q]);
-        for (int64_t i = 0; i < dim; ++i) row[i] *= inv;
+      for (int64_t i = 0; i < pairs; ++i) {
+        qwords[q * pairs + i] = detail::bf16_pair(qbuf.data() + q * q_stride, dim, i);
       }
     }
   }
@@ -126,8 +139,11 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   cpu::ScanArgs args;
   args.queries = qbuf.data();
   args.query_sq = q_sq.data();
+  args.query_words = qwords.data();
   args.num_queries = nq;
   args.dim = dim;
+  args.q_stride = q_stride;
+  args.key_format = format;
   args.metric = metric;
   args.masked_begin = range.masked_begin;
   args.offset_of = m.placement->offset_of();
@@ -142,7 +158,8 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   if (m.key_layout == KeyLayout::kPanels) {
     KNNMEM_ASSERT(m.key_aux != nullptr || metric == Metric::kInnerProduct);
     KNNMEM_ASSERT(m.key_aux == nullptr || m.aux_metric == metric);
-    args.panels = m.keys + (g * padded + s_begin) * dim;
+    const int64_t words = format == KeyFormat::kBFloat16 ? pairs : dim;  // per slot
+    args.panels = static_cast<const uint32_t*>(m.keys) + (g * padded + s_begin) * words;
     args.key_aux = m.key_aux ? m.key_aux + g * padded + s_begin : nullptr;
     args.begin = s_begin;
     args.end = s_end;
@@ -152,7 +169,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   // Row layout: pack a block at a time into panels (and its norm terms).
   std::vector<float> panels(static_cast<std::size_t>(kPackSlots * dim));
   std::vector<float> aux(static_cast<std::size_t>(kPackSlots), 0.0f);
-  const float* rows = m.keys + g * m.capacity * m.key_stride;
+  const float* rows = static_cast<const float*>(m.keys) + g * m.capacity * m.key_stride;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
     cpu::pack_panels(rows + b0 * m.key_stride, b1 - b0, m.key_stride, dim, panels.data());
@@ -170,11 +187,24 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   }
 }
 
+// The stored key of a slot as float32 (bfloat16 keys widened).
 const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratch) {
-  if (m.key_layout == KeyLayout::kRows) return m.keys + (g * m.capacity + slot) * m.key_stride;
-  const float* panel =
-      m.keys + (g * padded_capacity(m.capacity) + slot / kPanelSlots * kPanelSlots) * m.key_dim;
-  for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = panel[i * kPanelSlots + slot % kPanelSlots];
+  if (m.key_layout == KeyLayout::kRows) {
+    return static_cast<const float*>(m.keys) + (g * m.capacity + slot) * m.key_stride;
+  }
+  const int64_t base = g * padded_capacity(m.capacity) + slot / kPanelSlots * kPanelSlots;
+  const int64_t lane = slot % kPanelSlots;
+  if (m.key_format == KeyFormat::kFloat32) {
+    const float* panel = static_cast<const float*>(m.keys) + base * m.key_dim;
+    for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = panel[i * kPanelSlots + lane];
+    return scratch;
+  }
+  const int64_t pairs = (m.key_dim + 1) / 2;
+  const uint32_t* panel = static_cast<const uint32_t*>(m.keys) + base * pairs;
+  for (int64_t i = 0; i < m.key_dim; ++i) {
+    const uint32_t word = panel[(i / 2) * kPanelSlots + lane];
+    scratch[i] = detail::from_bf16(static_cast<uint16_t>(i % 2 ? word >> 16 : word));
+  }
   return scratch;
 }
 

@@ -8,7 +8,8 @@
 // running max and slot (strided bins: slot s -> bin s mod L), or a thresholded
 // candidate buffer for exact top-k. No score matrix exists beyond registers.
 //
-// Variants (portable, avx2, avx512) are separate translation units compiled
+// Variants (portable, avx2, avx512, avx512_bf16 -- the last differs only in
+// scoring bfloat16 keys with vdpbf16ps) are separate translation units compiled
 // with their own ISA flags and chosen at run time from CPU features, or forced
 // with KNNMEM_KERNEL=<name> / set_kernel(). Those units use no standard-library
 // templates (whose out-of-line copies the linker could share with baseline
@@ -39,17 +40,25 @@ struct TopKBuffers {
 void compact_topk(const TopKBuffers& buffers, int64_t query);
 
 struct ScanArgs {
-  // Queries [num_queries][dim], already prepared for the metric (unit length
-  // for cosine); query_sq[q] = |q|^2 (l2 only).
+  // Queries [num_queries][q_stride], already prepared for the metric (unit
+  // length for cosine), zero-padded to q_stride >= dim (2 * ceil(dim / 2) for
+  // bfloat16 keys); query_sq[q] = |q|^2 (l2 only). For bfloat16 keys also
+  // query_words [num_queries][ceil(dim / 2)]: the queries rounded to bfloat16
+  // pairs, in the layout of the keys.
   const float* queries = nullptr;
   const float* query_sq = nullptr;
+  const uint32_t* query_words = nullptr;
   int64_t num_queries = 0;
   int64_t dim = 0;
+  int64_t q_stride = 0;
   Metric metric = Metric::kInnerProduct;
   // Slots [begin, end) are scanned; begin is a multiple of kPanel. `panels`
-  // points at the panel of slot `begin`, `key_aux` at the entry of slot
-  // `begin`: 1/|k| for cosine (0 for a zero key), |k|^2 for l2, unused for ip.
-  const float* panels = nullptr;
+  // points at the panel of slot `begin` (float32: [dim][16] floats per panel;
+  // bfloat16: [ceil(dim / 2)][16] words, word i holding dims 2i and 2i+1),
+  // `key_aux` at the entry of slot `begin`: 1/|k| for cosine (0 for a zero
+  // key), |k|^2 for l2, unused for ip.
+  KeyFormat key_format = KeyFormat::kFloat32;
+  const void* panels = nullptr;
   const float* key_aux = nullptr;
   int64_t begin = 0;
   int64_t end = 0;
@@ -90,5 +99,6 @@ void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, floa
 void scan_portable(const ScanArgs& args);
 void scan_avx2(const ScanArgs& args);
 void scan_avx512(const ScanArgs& args);
+void scan_avx512bf16(const ScanArgs& args);  // avx512 + AVX512_BF16 dot products
 
 }  // namespace knnmem::cpu

@@ -9,6 +9,7 @@ namespace {
 
 struct V {
   static constexpr int W = 8;
+  static constexpr bool kNativeBF16 = false;
   using F = __m256;
   using I = __m256i;
   using M = __m256;
@@ -39,6 +40,12 @@ struct V {
   static void mask_store_slots(int32_t* p, M m, I a) {
     _mm256_maskstore_epi32(reinterpret_cast<int*>(p), _mm256_castps_si256(m), a);
   }
+  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    odd =
+        _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
 };
 
 }  // namespace
@@ -48,6 +55,12 @@ struct V {
 
 namespace knnmem::cpu {
 
-void scan_avx2(const ScanArgs& args) { Scan<V>{args}.run<6, 2>(); }
+void scan_avx2(const ScanArgs& args) {
+  if (args.key_format == KeyFormat::kBFloat16) {
+    Scan<V>{args}.run<KeyFormat::kBFloat16, 4, 2>();
+  } else {
+    Scan<V>{args}.run<KeyFormat::kFloat32, 6, 2>();
+  }
+}
 
 }  // namespace knnmem::cpu

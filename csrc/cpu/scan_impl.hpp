@@ -6,7 +6,8 @@
 // zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
-// lane.
+// lane; for bfloat16 keys widen_bf16 (W words -> even and odd dims as floats),
+// or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
 #pragma once
 
 #include <cstdint>
@@ -96,29 +97,70 @@ struct Scan {
     }
   }
 
+  // Where the vector of slots starting at `slot` lies in the panel data, for
+  // keys stored `rows` words (floats or bf16 pairs) per slot.
+  template <class T>
+  const T* panel_at(int64_t slot, int64_t rows) const {
+    return static_cast<const T*>(a.panels) + ((slot - a.begin) / kPanel) * rows * kPanel +
+           slot % kPanel;
+  }
+
+  // acc[r][c] = <query q0 + r, keys of the C vectors of slots from s>.
+  template <KeyFormat KF, int R, int C>
+  void accumulate(int64_t q0, int64_t s, F (&acc)[R][C]) const {
+    if constexpr (KF == KeyFormat::kFloat32) {
+      const int64_t dim = a.dim;
+      const float* kp[C];
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<float>(s + c * W, dim);
+      const float* qp = a.queries + q0 * a.q_stride;
+      for (int64_t i = 0; i < dim; ++i) {
+        F kv[C];
+        for (int c = 0; c < C; ++c) kv[c] = V::load(kp[c] + i * kPanel);
+        for (int r = 0; r < R; ++r) {
+          const F qv = V::set1(qp[r * a.q_stride + i]);
+          for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, kv[c], acc[r][c]);
+        }
+      }
+    } else {  // bfloat16 pairs: word i of a slot holds dims 2i (low half) and 2i+1
+      const int64_t rows = (a.dim + 1) / 2;
+      const uint32_t* kp[C];
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * W, rows);
+      if constexpr (V::kNativeBF16) {  // one dot-product instruction per pair
+        const uint32_t* qw = a.query_words + q0 * rows;
+        for (int64_t i = 0; i < rows; ++i) {
+          typename V::I kv[C];
+          for (int c = 0; c < C; ++c) kv[c] = V::load_words(kp[c] + i * kPanel);
+          for (int r = 0; r < R; ++r) {
+            const auto qv = V::set1_word(qw[r * rows + i]);
+            for (int c = 0; c < C; ++c) acc[r][c] = V::dot_bf16(acc[r][c], qv, kv[c]);
+          }
+        }
+      } else {  // widen both halves to float32, two FMAs (query kept in float32)
+        const float* qp = a.queries + q0 * a.q_stride;
+        for (int64_t i = 0; i < rows; ++i) {
+          F even[C], odd[C];
+          for (int c = 0; c < C; ++c) V::widen_bf16(kp[c] + i * kPanel, even[c], odd[c]);
+          for (int r = 0; r < R; ++r) {
+            const F qe = V::set1(qp[r * a.q_stride + 2 * i]);
+            const F qo = V::set1(qp[r * a.q_stride + 2 * i + 1]);
+            for (int c = 0; c < C; ++c) {
+              acc[r][c] = V::fma(qo, odd[c], V::fma(qe, even[c], acc[r][c]));
+            }
+          }
+        }
+      }
+    }
+  }
+
   // Scores of R queries (from q0) against C vectors of slots (from s), then
   // the metric, the live mask and the reduction.
-  template <int R, int C>
+  template <KeyFormat KF, int R, int C>
   void tile(int64_t q0, int64_t s) const {
-    const int64_t dim = a.dim;
     F acc[R][C];
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
     }
-    const float* kp[C];
-    for (int c = 0; c < C; ++c) {
-      const int64_t slot = s + c * W;
-      kp[c] = a.panels + ((slot - a.begin) / kPanel) * dim * kPanel + slot % kPanel;
-    }
-    const float* qp = a.queries + q0 * dim;
-    for (int64_t i = 0; i < dim; ++i) {
-      F kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = V::load(kp[c] + i * kPanel);
-      for (int r = 0; r < R; ++r) {
-        const F qv = V::set1(qp[r * dim + i]);
-        for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, kv[c], acc[r][c]);
-      }
-    }
+    accumulate<KF, R, C>(q0, s, acc);
     for (int c = 0; c < C; ++c) {
       const int64_t sc = s + c * W;
       if (sc >= a.end) break;
@@ -145,26 +187,28 @@ struct Scan {
     }
   }
 
-  template <int R, int C>
+  template <KeyFormat KF, int R, int C>
   void rows_of_block(int64_t q0, int64_t s0, int64_t s1) const {
     int64_t s = s0;
-    for (; s + C * W <= s1; s += C * W) tile<R, C>(q0, s);
-    for (; s < s1; s += W) tile<R, 1>(q0, s);
+    for (; s + C * W <= s1; s += C * W) tile<KF, R, C>(q0, s);
+    for (; s < s1; s += W) tile<KF, R, 1>(q0, s);
   }
 
-  template <int R, int C>
+  // Tiles of R queries x C vectors over blocks of slots.
+  template <KeyFormat KF, int R, int C>
   void run() const {
     for (int64_t s0 = a.begin; s0 < a.end; s0 += kBlock) {
       const int64_t s1 = lo(a.end, s0 + kBlock);
       int64_t q = 0;
-      for (; q + R <= a.num_queries; q += R) rows_of_block<R, C>(q, s0, s1);
+      for (; q + R <= a.num_queries; q += R) rows_of_block<KF, R, C>(q, s0, s1);
       // Fewer than R queries left: one smaller tile height, then single rows.
-      const int64_t rest = a.num_queries - q;
-      if (rest >= R / 2 && R / 2 >= 1 && rest > 1) {
-        rows_of_block<(R / 2 > 0 ? R / 2 : 1), C>(q, s0, s1);
-        q += R / 2;
+      if constexpr (R / 2 > 1) {
+        if (a.num_queries - q >= R / 2) {
+          rows_of_block<KF, R / 2, C>(q, s0, s1);
+          q += R / 2;
+        }
       }
-      for (; q < a.num_queries; ++q) rows_of_block<1, C>(q, s0, s1);
+      for (; q < a.num_queries; ++q) rows_of_block<KF, 1, C>(q, s0, s1);
     }
   }
 };

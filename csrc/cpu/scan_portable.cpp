@@ -9,6 +9,7 @@ namespace {
 
 struct V {
   static constexpr int W = 4;
+  static constexpr bool kNativeBF16 = false;
   typedef float F __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
   using M = I;  // all ones in the lanes that are set
@@ -47,6 +48,14 @@ struct V {
     }
   }
   static I slots(int32_t first) { return I{first, first + 1, first + 2, first + 3}; }
+  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
+    typedef uint32_t U __attribute__((vector_size(16)));
+    U w;
+    std::memcpy(&w, k, sizeof(w));
+    const U lo = w << 16, hi = w & 0xFFFF0000u;
+    std::memcpy(&even, &lo, sizeof(even));
+    std::memcpy(&odd, &hi, sizeof(odd));
+  }
   static void mask_store_slots(int32_t* p, M m, I a) {
     for (int l = 0; l < W; ++l) {
       if (m[l]) p[l] = a[l];
@@ -61,6 +70,12 @@ struct V {
 
 namespace knnmem::cpu {
 
-void scan_portable(const ScanArgs& args) { Scan<V>{args}.run<4, 2>(); }
+void scan_portable(const ScanArgs& args) {
+  if (args.key_format == KeyFormat::kBFloat16) {
+    Scan<V>{args}.run<KeyFormat::kBFloat16, 4, 2>();
+  } else {
+    Scan<V>{args}.run<KeyFormat::kFloat32, 4, 2>();
+  }
+}
 
 }  // namespace knnmem::cpu

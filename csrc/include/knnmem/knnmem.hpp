@@ -118,13 +118,21 @@ class Placement {
 // Borrowed views of a grid of memories (see the ring layout above).
 enum class KeyLayout : int { kRows = 0, kPanels = 1 };
 
+// Element type of stored keys. bfloat16 keys are kept in panels only, as
+// pairs: 32-bit word i of a slot holds dims 2i (low half) and 2i+1.
+enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// Parses "float32" | "bfloat16"; throws InvalidArgument naming `dtype`.
+KeyFormat parse_key_format(const std::string& name);
+const char* key_format_name(KeyFormat format);
+
 inline constexpr int64_t kPanelSlots = 16;
 inline int64_t padded_capacity(int64_t capacity) {
   return (capacity + kPanelSlots - 1) / kPanelSlots * kPanelSlots;
 }
 
 struct MemoryView {
-  const float* keys = nullptr;
+  const void* keys = nullptr;  // float32 rows, or panels of key_format
   const float* values = nullptr;
   const float* key_aux = nullptr;  // may be null: computed on the fly
   const int64_t* written = nullptr;
@@ -135,12 +143,13 @@ struct MemoryView {
   int64_t value_dim = 0;
   int64_t value_stride = 0;
   KeyLayout key_layout = KeyLayout::kRows;
-  Metric aux_metric = Metric::kInnerProduct;  // what key_aux holds
+  KeyFormat key_format = KeyFormat::kFloat32;  // kPanels only
+  Metric aux_metric = Metric::kInnerProduct;   // what key_aux holds
   const Placement* placement = nullptr;
 };
 
 struct MutableMemoryView {
-  float* keys = nullptr;
+  void* keys = nullptr;
   float* values = nullptr;
   float* key_aux = nullptr;  // may be null: not maintained
   int64_t* written = nullptr;
@@ -151,13 +160,14 @@ struct MutableMemoryView {
   int64_t value_dim = 0;
   int64_t value_stride = 0;
   KeyLayout key_layout = KeyLayout::kRows;
+  KeyFormat key_format = KeyFormat::kFloat32;  // kPanels only
   Metric aux_metric = Metric::kInnerProduct;
   const Placement* placement = nullptr;
 
   MemoryView as_const() const {
     return MemoryView{keys,       values,     key_aux,    written,   grid,
                       capacity,   key_dim,    key_stride, value_dim, value_stride,
-                      key_layout, aux_metric, placement};
+                      key_layout, key_format, aux_metric, placement};
   }
 };
 
@@ -222,7 +232,7 @@ class Memory {
   // Throws InvalidArgument for non-positive sizes, std::length_error when the
   // byte size overflows, std::bad_alloc when it cannot be allocated.
   Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
-         Metric metric = Metric::kInnerProduct);
+         Metric metric = Metric::kInnerProduct, KeyFormat key_format = KeyFormat::kFloat32);
   ~Memory();
   Memory(const Memory&) = delete;
   Memory& operator=(const Memory&) = delete;
@@ -232,6 +242,7 @@ class Memory {
   int64_t key_dim() const { return key_dim_; }
   int64_t value_dim() const { return value_dim_; }
   Metric metric() const { return metric_; }
+  KeyFormat key_format() const { return key_format_; }
   // Bytes of storage held (keys, values, norms, counters, placement tables).
   int64_t nbytes() const;
   const Placement& placement() const { return *placement_; }
@@ -252,8 +263,9 @@ class Memory {
 
   int64_t grid_, capacity_, key_dim_, value_dim_;
   Metric metric_;
+  KeyFormat key_format_;
   std::shared_ptr<const Placement> placement_;
-  float* keys_ = nullptr;  // panels
+  void* keys_ = nullptr;  // panels of key_format_
   float* values_ = nullptr;
   float* key_aux_ = nullptr;
   std::vector<int64_t> written_;
