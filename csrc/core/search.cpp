@@ -319,10 +319,10 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
   p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, kMaxQueryChunk);
   p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
-  // Too few (memory, query chunk) tasks to keep every thread busy: cut each
-  // memory's slots into ranges too.
+  // Too few (memory, query chunk) tasks to balance over the threads: cut each
+  // memory's slots into ranges too (results do not depend on the cut).
   const int64_t tasks = memory.grid * p.chunks;
-  const int64_t want = 2 * static_cast<int64_t>(get_num_threads());
+  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
   if (tasks < want) {
     p.splits = std::clamp<int64_t>((want + tasks - 1) / tasks, 1,
                                    std::max<int64_t>(1, memory.capacity / kMinSplitSlots));

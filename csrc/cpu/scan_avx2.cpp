@@ -40,6 +40,15 @@ struct V {
   static void mask_store_slots(int32_t* p, M m, I a) {
     _mm256_maskstore_epi32(reinterpret_cast<int*>(p), _mm256_castps_si256(m), a);
   }
+  static I load_slots(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static void store_slots(int32_t* p, I a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a);
+  }
+  static I select_slots(M m, I a, I b) {
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b), _mm256_castsi256_ps(a), m));
+  }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));

@@ -6,8 +6,8 @@
 // zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
-// lane; for bfloat16 keys widen_bf16 (W words -> even and odd dims as floats),
-// or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
+// lane, load_slots, store_slots, select_slots; for bfloat16 keys widen_bf16 (W words -> even and
+// odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
 #pragma once
 
 #include <cstdint>
@@ -42,11 +42,11 @@ struct Scan {
     return bits;
   }
 
-  void reduce_bins(int64_t q, F v, int64_t s) const {
+  // Folds the scores v of slots s.. (first bin b = s mod L) into query q's bins.
+  void reduce_bins(int64_t q, F v, int64_t s, int64_t b) const {
     const int64_t L = a.num_bins;
     float* best = a.bin_best + q * L;
     int32_t* slot = a.bin_slot + q * L;
-    const int64_t b = s % L;
     if (L < W) {  // several lanes share a bin: one lane at a time
       float tmp[W];
       V::store(tmp, v);
@@ -60,10 +60,11 @@ struct Scan {
       return;
     }
     const auto slots = V::slots(static_cast<int32_t>(s));
-    if (b + W <= L) {  // bins b .. b+W-1
-      const auto take = V::gt(v, V::load(best + b));
-      V::mask_store(best + b, take, v);
-      V::mask_store_slots(slot + b, take, slots);
+    if (b + W <= L) {  // bins b .. b+W-1: blend and store whole vectors
+      const F old = V::load(best + b);
+      const auto take = V::gt(v, old);
+      V::store(best + b, V::select(take, v, old));
+      V::store_slots(slot + b, V::select_slots(take, slots, V::load_slots(slot + b)));
       return;
     }
     // The run of bins wraps: lanes [0, L-b) go to bins b.., the rest to 0..
@@ -169,6 +170,7 @@ struct Scan {
       const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
       F aux = V::zero();
       if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
+      const int64_t bin = a.num_bins > 0 ? sc % a.num_bins : 0;
       for (int r = 0; r < R; ++r) {
         F v = acc[r][c];
         if (a.metric == Metric::kCosine) {
@@ -179,7 +181,7 @@ struct Scan {
         }
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
         if (a.num_bins > 0) {
-          reduce_bins(q0 + r, v, sc);
+          reduce_bins(q0 + r, v, sc, bin);
         } else {
           reduce_topk(q0 + r, v, sc);
         }

@@ -48,6 +48,13 @@ struct V {
     }
   }
   static I slots(int32_t first) { return I{first, first + 1, first + 2, first + 3}; }
+  static I load_slots(const int32_t* p) {
+    I r;
+    std::memcpy(&r, p, sizeof(r));
+    return r;
+  }
+  static void store_slots(int32_t* p, I a) { std::memcpy(p, &a, sizeof(a)); }
+  static I select_slots(M m, I a, I b) { return m ? a : b; }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     typedef uint32_t U __attribute__((vector_size(16)));
     U w;

@@ -40,6 +40,9 @@ struct VAvx512 {
                                                                         9, 10, 11, 12, 13, 14, 15));
   }
   static void mask_store_slots(int32_t* p, M m, I a) { _mm512_mask_storeu_epi32(p, m, a); }
+  static I load_slots(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static void store_slots(int32_t* p, I a) { _mm512_storeu_si512(p, a); }
+  static I select_slots(M m, I a, I b) { return _mm512_mask_blend_epi32(m, b, a); }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     const __m512i w = _mm512_loadu_si512(k);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
