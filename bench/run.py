@@ -1,12 +1,26 @@
-"""Recall/latency benchmark of knnmem against numpy exact search (DESIGN.md, "Benchmark workloads").
+"""Recall/latency benchmark of knnmem and its peers (DESIGN.md, "Benchmark workloads").
 
 Reproduce (numpy must run its current sgemm kernel, so drop the OpenBLAS overrides
-for this command alone):
+for this command alone; E = env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE):
 
     pip install --no-build-isolation .
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py            # M1,M2, 5 steps
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py --quick    # 3 steps
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/run.py --workloads M3,M4
+    pip install -c constraints.txt ".[bench]"       # peers, plots, progress bars (optional)
+    E python bench/run.py --quick                   # M1,M2, 3 steps, fast peers (~1 min)
+    E python bench/run.py                           # M1,M2, 5 steps
+    E python bench/run.py --workloads M1,M2,M3,M4 --peers all --json out.json --plot out.png
+    E python bench/run.py --scaling                 # M3's shape at 64K, 256K, 1M rows
+    python -m pytest bench/test_micro.py --benchmark-only   # kernel micro-benchmarks
+
+Methods. knnmem at recall targets 0.9, 0.95 and exact, and at 0.9 with each key dtype
+of --dtypes this build accepts (bfloat16, float16, int8; a printed note for the
+others). Peers (bench/peers.py), each skipped with a note when its library is
+missing: --peers fast (default) = numpy exact, torch exact, jax approx_max_k;
+--peers all adds faiss IndexFlatIP / IndexHNSWFlat / IndexIVFFlat, hnswlib (M=16,
+32) and usearch, whose index builds take minutes on large memories. Peers without a
+FIFO are built once on the filled memory (build time in the note and the JSON, not
+in ms/step); per step they add the segment and drop the evicted rows by deletion or
+an id filter, so every method answers over the same live rows. Their search
+parameter is tuned to recall 0.9 on held-out queries. Indexes are per memory.
 
 Data (seeded by --seed): per memory 256 unit Gaussian cluster centres; a row is its
 centre plus noise (|noise| ~ 0.8), normalised; consecutive stream rows share a cluster
@@ -16,13 +30,18 @@ Per workload every method gets its own state, filled to capacity with the same
 clustered stream (untimed). Then each step adds one segment of Q rows per memory
 and searches Q queries, with the same segment and queries for every method; the
 timed step is add + search, reported as the median over steps. Recall@k is measured
-every step against float64 exact top-k over the live rows (knnmem.eval.exact_search),
-and returned values are checked against the rows at the returned positions.
+every step against float64 exact top-k over the live float32 rows
+(knnmem.eval.exact_search), whatever the method stores, and returned values are
+checked against the rows at the returned positions.
 
-The compute limit is the time of 2*Q*n*d*G flops at the fp32 rate of a 2048^3 numpy
-sgemm, best of measurements at the start and after each workload of the same run
-(shared VMs change speed for seconds at a time); "% limit" = limit time / step time.
-Timings on a noisy machine: compare ratios within one run, and check step_ms in --json.
+Limits (a roofline, both measured in the same run, best of measurements at the start
+and after each workload, since shared VMs change speed for seconds at a time):
+compute = 2*Q*n*d*G flops at the fp32 rate of a 2048^3 numpy sgemm; memory
+bandwidth = the keys a brute-force step reads (G*n*d * bytes per key element) at the
+rate of a 512 MiB numpy copy (read + write bytes). "% limit" = the larger of the two
+limit times / step time; the table says which one binds (bandwidth for M4, Q=1;
+compute for the others). Timings on a noisy machine: compare ratios within one run,
+and check step_ms in --json.
 """
 
 from __future__ import annotations
@@ -33,42 +52,28 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 import knnmem
-from knnmem.eval import bins_for_recall, exact_search, expected_recall, recall
+from knnmem.eval import bins_for_recall, expected_recall, recall
+from peers import (
+    Found,
+    Method,
+    NumpyExact,
+    Ring,
+    Workload,
+    cpu_count,
+    missing_module,
+    select_peers,
+)
 
 # -- workloads -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    shape: tuple[int, ...]
-    capacity: int
-    dim: int
-    queries: int
-    k: int = 32
-
-    @property
-    def grid(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def step_flops(self) -> float:
-        """Flops of scoring Q queries against every row of every memory."""
-        return 2.0 * self.queries * self.capacity * self.dim * self.grid
-
-    def describe(self) -> str:
-        return (
-            f"{self.name}: shape={self.shape} capacity={self.capacity} d={self.dim} "
-            f"Q={self.queries} k={self.k}"
-        )
-
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -79,9 +84,12 @@ WORKLOADS: dict[str, Workload] = {
         Workload("M4", (8,), 65536, 128, 1),
     )
 }
+SCALING_CAPACITIES = (65536, 262144, 1_048_576)
+KEY_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("f16", 2), "int8": ("i8", 1)}
 
 OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 FILL_CHUNK_FLOATS = 1 << 24  # rows per fill chunk: about 64 MiB of keys across the grid
+TUNE_QUERIES = 128  # held-out queries per memory for tuning index peers
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -147,69 +155,29 @@ def values_of(keys: np.ndarray) -> np.ndarray:
     return -keys
 
 
-# -- ring of keys in numpy: reference for recall and the numpy-exact method -------------------
+# -- knnmem ----------------------------------------------------------------------------------
 
 
-class Ring:
-    """FIFO ring [G, capacity, dim]; stream position p lives in row p % capacity."""
+class KnnmemMethod(Method):
+    """knnmem.Memory at one recall_target (1.0 = exact) and key dtype."""
 
-    def __init__(self, grid: int, capacity: int, dim: int) -> None:
-        self.data = np.zeros((grid, capacity, dim), np.float32)
-        self.capacity = capacity
-        self.written = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        skip = max(0, rows.shape[1] - self.capacity)  # rows overwritten within this add
-        self.written += skip
-        rows = rows[:, skip:]
-        n = rows.shape[1]
-        slots = (self.written + np.arange(n)) % self.capacity
-        self.data[:, slots] = rows
-        self.written += n
-
-    def positions(self, slots: np.ndarray) -> np.ndarray:
-        """Stream position of the row held in each ring slot."""
-        return self.written - self.capacity + (slots - self.written) % self.capacity
-
-    def live(self) -> tuple[int, np.ndarray]:
-        """(first live position, live rows in stream order [G, n_live, dim])."""
-        start = max(0, self.written - self.capacity)
-        return start, self.data[:, np.arange(start, self.written) % self.capacity]
-
-    def exact_topk(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Float64 exact top-k stream positions [G, Q, k] over the live rows."""
-        start, rows = self.live()
-        _, idx = exact_search(rows, queries, k)
-        return np.where(idx >= 0, idx + start, -1)
-
-
-# -- methods ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Found:
-    positions: np.ndarray  # [G, Q, k] int64 stream positions, -1 where none
-    values: np.ndarray  # [G, Q, k, dv] float32
-
-
-class Method(Protocol):
-    name: str
-
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None: ...
-
-    def search(self, queries: np.ndarray) -> Any: ...
-
-    def found(self, raw: Any) -> Found: ...
-
-
-class KnnmemMethod:
-    """knnmem.Memory at one recall_target (1.0 = exact)."""
-
-    def __init__(self, wl: Workload, recall_target: float) -> None:
-        self.name = "knnmem exact" if recall_target >= 1.0 else f"knnmem r={recall_target:.2f}"
+    def __init__(self, wl: Workload, recall_target: float, dtype: str = "float32") -> None:
+        super().__init__()
         self.recall_target = recall_target
         self.wl = wl
-        self.mem = knnmem.Memory(wl.shape, wl.capacity, key_dim=wl.dim, value_dim=wl.dim)
+        self.mem = knnmem.Memory(wl.shape, wl.capacity, wl.dim, wl.dim, dtype=dtype)
+        short, self.key_bytes = KEY_DTYPES.get(dtype, ("", 4))
+        target = "exact" if recall_target >= 1.0 else f"r={recall_target:.2f}"
+        self.name = " ".join(filter(None, ("knnmem", short, target)))
+        self.params = {"recall_target": recall_target, "dtype": dtype}
+        bins = bins_for_recall(wl.k, recall_target)
+        if 0 < bins < wl.capacity:
+            self.expected_recall = expected_recall(bins, wl.k)
+            self.note = f"L={bins} strided bins"
+        else:
+            self.note = "exact top-k"
+        if dtype != "float32":
+            self.note += f"; {dtype} keys"
 
     def _grid(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(self.wl.shape + x.shape[1:])
@@ -227,74 +195,63 @@ class KnnmemMethod:
         )
 
 
-class NumpyExact:
-    """Keys/values rings in numpy; sgemm per memory + argpartition + sort of the k + gather.
-
-    The score buffer is kept between searches and argpartition runs on blocks of rows
-    so that its index arrays stay small: fresh multi-100 MB arrays every step cost
-    page faults that made this baseline vary up to 2x from run to run.
-    """
-
-    name = "numpy exact"
-    PARTITION_BLOCK = 1 << 19  # elements per argpartition call (4 MiB of int64 indices)
-
-    def __init__(self, wl: Workload) -> None:
-        self.k = wl.k
-        self.keys = Ring(wl.grid, wl.capacity, wl.dim)
-        self.values = Ring(wl.grid, wl.capacity, wl.dim)
-        self._scores = np.empty((wl.grid, 0, wl.capacity), np.float32)
-
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self.keys.add(keys)
-        self.values.add(values)
-
-    def _score(self, queries: np.ndarray) -> np.ndarray:
-        """[G, Q, n] scores of every ring row (the benchmark searches full memories only)."""
-        if self._scores.shape[1] != queries.shape[1]:
-            self._scores = np.empty(queries.shape[:2] + (self.keys.capacity,), np.float32)
-        for g in range(queries.shape[0]):
-            np.matmul(queries[g], self.keys.data[g].T, out=self._scores[g])
-        return self._scores
-
-    def _top_slots(self, scores: np.ndarray) -> np.ndarray:
-        """Ring slots of the k best scores of each row of [R, n], best first."""
-        k, n = self.k, scores.shape[-1]
-        part = np.empty((scores.shape[0], k), np.int64)
-        block = max(1, self.PARTITION_BLOCK // n)
-        for r in range(0, scores.shape[0], block):
-            part[r : r + block] = np.argpartition(scores[r : r + block], n - k, axis=-1)[:, n - k :]
-        top = np.take_along_axis(scores, part, axis=-1)
-        return np.take_along_axis(part, np.argsort(-top, axis=-1), axis=-1)
-
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores = self._score(queries)
-        grid, nq, n = scores.shape
-        slots = self._top_slots(scores.reshape(grid * nq, n)).reshape(grid, nq, self.k)
-        grid_index = np.arange(slots.shape[0])[:, None, None]
-        return slots, self.values.data[grid_index, slots]
-
-    def found(self, raw: tuple[np.ndarray, np.ndarray]) -> Found:
-        slots, values = raw
-        return Found(self.keys.positions(slots), values)
+def knnmem_methods(wl: Workload, dtypes: list[str], notes: list[str]) -> list[Method]:
+    """knnmem at 0.9, 0.95, exact (float32 keys), and at 0.9 per supported key dtype."""
+    methods: list[Method] = [KnnmemMethod(wl, t) for t in (0.9, 0.95, 1.0)]
+    for dtype in dtypes:
+        try:
+            methods.append(KnnmemMethod(wl, 0.9, dtype))
+        except ValueError as e:
+            add_note(notes, f"knnmem dtype={dtype}: not supported by this build ({e})")
+    return methods
 
 
-def make_methods(wl: Workload) -> list[Method]:
-    return [
-        KnnmemMethod(wl, 0.9),
-        KnnmemMethod(wl, 0.95),
-        KnnmemMethod(wl, 1.0),
-        NumpyExact(wl),
-    ]
+def peer_methods(wl: Workload, peer_spec: str, notes: list[str]) -> list[Method]:
+    methods: list[Method] = []
+    for peer in select_peers(peer_spec):
+        why = missing_module(peer)
+        if why is None:
+            methods.append(peer.make(wl))
+        else:
+            add_note(notes, f"skipped peer {peer.key}: {peer.module} does not import ({why})")
+    return methods
 
 
-def expected_recall_of(method: Method, wl: Workload) -> float | None:
-    """Model recall of an approximate knnmem search on a full memory; None if exact."""
-    if not isinstance(method, KnnmemMethod):
-        return None
-    bins = bins_for_recall(wl.k, method.recall_target)
-    if bins == 0 or bins >= wl.capacity:
-        return None
-    return expected_recall(bins, wl.k)
+def add_note(notes: list[str], note: str) -> None:
+    """Appends and prints a note once."""
+    if note not in notes:
+        notes.append(note)
+        print(f"note: {note}", flush=True)
+
+
+# -- progress bars ---------------------------------------------------------------------------
+
+
+class NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress:
+    """tqdm bars on stderr when enabled, on a terminal, and tqdm is installed."""
+
+    def __init__(self, enabled: bool, notes: list[str]) -> None:
+        self.tqdm: Any = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.tqdm = tqdm
+            except ImportError:
+                add_note(notes, "no progress bars: tqdm is not installed")
+
+    def bar(self, total: int, desc: str, unit: str = "it") -> Any:
+        if self.tqdm is None:
+            return NoBar()
+        return self.tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 # -- measurement -----------------------------------------------------------------------------
@@ -304,11 +261,19 @@ def expected_recall_of(method: Method, wl: Workload) -> float | None:
 class Row:
     workload: str
     method: str
+    note: str = ""
     step_ms: list[float] = field(default_factory=list)
+    add_ms: list[float] = field(default_factory=list)
+    search_ms: list[float] = field(default_factory=list)
     recalls: list[float] = field(default_factory=list)
     expected_recall: float | None = None
-    limit_ms: float = 0.0
-    numpy_ms: float = 0.0
+    build_s: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    key_bytes: float = 4.0
+    queries_per_step: int = 0
+    numpy_ms: float = math.nan
+    compute_limit_ms: float = math.nan
+    bandwidth_limit_ms: float = math.nan
 
     @property
     def ms(self) -> float:
@@ -318,60 +283,113 @@ class Row:
     def recall(self) -> float:
         return statistics.fmean(self.recalls)
 
+    @property
+    def limit_ms(self) -> float:
+        return max(self.compute_limit_ms, self.bandwidth_limit_ms)
+
+    @property
+    def limit_kind(self) -> str:
+        return "bandwidth" if self.bandwidth_limit_ms > self.compute_limit_ms else "compute"
+
+    @property
+    def full_note(self) -> str:
+        if self.build_s is None:
+            return self.note
+        return f"{self.note}; built in {self.build_s:.1f} s"
+
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(
             median_ms=self.ms,
             mean_recall=self.recall,
+            queries_per_s=1e3 * self.queries_per_step / self.ms,
             speedup_vs_numpy=self.numpy_ms / self.ms,
+            limit_ms=self.limit_ms,
+            limit_kind=self.limit_kind,
             pct_of_limit=100.0 * self.limit_ms / self.ms,
         )
         return out
 
 
-def check_values(found: Found, truth_ring: Ring, method: str) -> None:
+def check_values(found: Found, truth: Ring, method: str) -> None:
     """Values returned must be those stored with the rows at the returned positions."""
-    pos = found.positions
-    ok = pos >= 0
-    slots = np.where(ok, pos, 0) % truth_ring.capacity
-    keys = truth_ring.data[np.arange(pos.shape[0])[:, None, None], slots]
-    want = np.where(ok[..., None], values_of(keys), 0.0)
+    ok = found.positions >= 0
+    want = values_of(truth.gather(found.positions))
     got = np.where(ok[..., None], found.values, 0.0)
     if not np.array_equal(got, want):
         bad = int(np.any(got != want, axis=-1).sum())
         raise AssertionError(f"{method}: {bad} returned values differ from the stored rows")
 
 
-def fill(methods: list[Method], truth: Ring, stream: ClusteredStream, wl: Workload) -> None:
+def fill(
+    methods: list[Method], truth: Ring, stream: ClusteredStream, wl: Workload, progress: Progress
+) -> None:
     chunk = max(1, FILL_CHUNK_FLOATS // (wl.grid * wl.dim))
+    bar = progress.bar(wl.capacity, f"{wl.name} fill", unit="row")
     for start in range(0, wl.capacity, chunk):
         keys = stream.rows(min(chunk, wl.capacity - start))
         values = values_of(keys)
         truth.add(keys)
         for m in methods:
-            m.add(keys, values)
+            m.fill(keys, values)
+        bar.update(keys.shape[1])
+    bar.close()
+
+
+def build_and_tune(
+    methods: list[Method], truth: Ring, stream: ClusteredStream, wl: Workload, progress: Progress
+) -> None:
+    """Builds every method (untimed in steps), tunes the tunable ones on held-out queries."""
+    bar = progress.bar(len(methods), f"{wl.name} build+tune", unit="method")
+    tune_queries = stream.queries(TUNE_QUERIES)
+    tune_truth: np.ndarray | None = None
+    for m in methods:
+        m.build()
+        if type(m).tune is not Method.tune:
+            if tune_truth is None:
+                tune_truth = truth.exact_topk(tune_queries, wl.k)
+            m.tune(tune_queries, tune_truth)
+        bar.update()
+    bar.close()
 
 
 def timed_step(
     method: Method, keys: np.ndarray, values: np.ndarray, queries: np.ndarray
-) -> tuple[float, Any]:
-    """Seconds for one step (add the segment, search the queries) and the raw result."""
+) -> tuple[float, float, Any]:
+    """Seconds to add the segment and to search the queries, and the raw result."""
     t0 = time.perf_counter()
     method.add(keys, values)
+    t1 = time.perf_counter()
     raw = method.search(queries)
-    return time.perf_counter() - t0, raw
+    return t1 - t0, time.perf_counter() - t1, raw
 
 
-def run_workload(wl: Workload, steps: int, seed: int) -> list[Row]:
+def row_of(wl: Workload, m: Method) -> Row:
+    return Row(
+        wl.name,
+        m.name,
+        note=m.note,
+        expected_recall=m.expected_recall,
+        build_s=m.build_s,
+        params=dict(m.params),
+        key_bytes=m.key_bytes,
+        queries_per_step=wl.grid * wl.queries,
+    )
+
+
+def run_workload(
+    wl: Workload, methods: list[Method], steps: int, seed: int, progress: Progress
+) -> list[Row]:
     stream = ClusteredStream(np.random.default_rng(seed), wl.grid, wl.dim)
-    methods = make_methods(wl)
     truth = Ring(wl.grid, wl.capacity, wl.dim)
-    fill(methods, truth, stream, wl)
+    fill(methods, truth, stream, wl, progress)
+    build_and_tune(methods, truth, stream, wl, progress)
     warm_queries = stream.queries(wl.queries)
-    for m in methods:  # untimed: first-call allocations, thread pool start-up
+    for m in methods:  # untimed: first-call allocations, thread pool start-up, jit
         m.search(warm_queries)
 
-    rows = [Row(wl.name, m.name, expected_recall=expected_recall_of(m, wl)) for m in methods]
+    rows = [row_of(wl, m) for m in methods]
+    bar = progress.bar(steps * len(methods), f"{wl.name} steps", unit="search")
     for step in range(steps):
         keys, queries = stream.rows(wl.queries), stream.queries(wl.queries)
         values = values_of(keys)
@@ -380,20 +398,38 @@ def run_workload(wl: Workload, steps: int, seed: int) -> list[Row]:
         shift = step % len(methods)  # rotate the order so machine noise spreads evenly
         pairs = list(zip(methods, rows))
         for m, row in pairs[shift:] + pairs[:shift]:
-            seconds, raw = timed_step(m, keys, values, queries)
+            add_s, search_s, raw = timed_step(m, keys, values, queries)
             found = m.found(raw)
             check_values(found, truth, m.name)
-            row.step_ms.append(1e3 * seconds)
+            row.add_ms.append(1e3 * add_s)
+            row.search_ms.append(1e3 * search_s)
+            row.step_ms.append(1e3 * (add_s + search_s))
             row.recalls.append(recall(found.positions, true_topk))
-    numpy_ms = next(r.ms for r in rows if r.method == NumpyExact.name)
+            bar.update()
+    bar.close()
+    numpy_ms = next((r.ms for r in rows if r.method == NumpyExact.name), math.nan)
     for row in rows:
         row.numpy_ms = numpy_ms
     return rows
 
 
-def limit_ms(wl: Workload, gflops: float) -> float:
-    """Time of one step's scoring flops at the given rate."""
-    return 1e3 * wl.step_flops / (gflops * 1e9)
+# -- limits ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Rates:
+    """Machine rates measured during the run; the limits use the best of each."""
+
+    sgemm_gflops: list[float] = field(default_factory=list)
+    copy_gbps: list[float] = field(default_factory=list)
+
+    def measure(self) -> None:
+        self.sgemm_gflops.append(sgemm_gflops())
+        self.copy_gbps.append(copy_gbps())
+
+    def apply(self, row: Row, wl: Workload) -> None:
+        row.compute_limit_ms = 1e3 * wl.step_flops / (max(self.sgemm_gflops) * 1e9)
+        row.bandwidth_limit_ms = 1e3 * wl.key_bytes(row.key_bytes) / (max(self.copy_gbps) * 1e9)
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -408,6 +444,26 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best / 1e9
+
+
+def copy_gbps(mib: int = 512, repeats: int = 4) -> float:
+    """Best memory bandwidth of copying a float32 array of `mib` MiB with np.copyto, on
+    one thread and split over all cores, counting the bytes read and written, in GB/s."""
+    src = np.ones((mib << 20) // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # page faults out of the timing
+    bounds = np.linspace(0, src.size, cpu_count() + 1).astype(np.int64)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    best = math.inf
+    with ThreadPoolExecutor(len(parts)) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            best = min(best, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: np.copyto(*p), parts))
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * src.nbytes / best / 1e9
 
 
 # -- machine and report ----------------------------------------------------------------------
@@ -437,19 +493,23 @@ def blas_info() -> list[dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
-    affinity = getattr(os, "sched_getaffinity", None)
     return {
         "cpu": cpu_model(),
-        "nproc": len(affinity(0)) if affinity else os.cpu_count(),
+        "nproc": cpu_count(),
         "knnmem_threads": knnmem.get_num_threads(),
+        "knnmem_kernel": getattr(knnmem._core, "get_kernel", lambda: "?")(),
         "numpy": np.__version__,
+        "python": platform.python_version(),
         "blas": blas_info(),
         "env": {k: os.environ[k] for k in OPENBLAS_OVERRIDES if k in os.environ},
     }
 
 
 def print_machine(info: dict[str, Any]) -> None:
-    print(f"cpu: {info['cpu']}   nproc: {info['nproc']}   knnmem threads: {info['knnmem_threads']}")
+    print(
+        f"cpu: {info['cpu']}   nproc: {info['nproc']}   knnmem threads: "
+        f"{info['knnmem_threads']}   kernel: {info['knnmem_kernel']}"
+    )
     blas = ", ".join(
         f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['num_threads']} threads)"
         for b in info["blas"]
@@ -460,21 +520,62 @@ def print_machine(info: dict[str, Any]) -> None:
     print()
 
 
-def print_sgemm(rates: list[float]) -> None:
-    best, worst = max(rates), min(rates)
-    print(
-        f"numpy sgemm 2048^3 fp32: best {best:.1f} GFLOP/s (worst {worst:.1f}) over "
-        f"{len(rates)} measurements across the run; the compute limit uses the best"
-    )
-    if worst < 0.8 * best:
+def print_rates(rates: Rates) -> None:
+    for label, values, unit in (
+        ("numpy sgemm 2048^3 fp32", rates.sgemm_gflops, "GFLOP/s"),
+        ("numpy copy 512 MiB (read+write)", rates.copy_gbps, "GB/s"),
+    ):
+        print(
+            f"{label}: best {max(values):.1f} {unit} (worst {min(values):.1f}) over "
+            f"{len(values)} measurements; the limits use the best"
+        )
+    if min(rates.sgemm_gflops) < 0.8 * max(rates.sgemm_gflops):
         print("warning: machine throughput varied during the run; step times are noisy")
 
 
+def print_limits(rows: list[Row]) -> None:
+    seen: set[str] = set()
+    for r in rows:
+        if r.workload in seen or r.key_bytes != 4.0:
+            continue
+        seen.add(r.workload)
+        print(
+            f"limit {r.workload}: compute {r.compute_limit_ms:.3f} ms/step, memory bandwidth "
+            f"{r.bandwidth_limit_ms:.3f} ms/step (f32 keys) -> {r.limit_kind}-bound"
+        )
+
+
+def table(header: tuple[str, ...], lines: list[tuple[str, ...]], left: int = 2) -> str:
+    """Columns padded to width; the first `left` columns and the last left-aligned."""
+    everything = [header, *lines]
+    widths = [max(len(line[i]) for line in everything) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(everything):
+        cells = [
+            c.ljust(w) if i < left or i == len(header) - 1 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ("workload", "method", "ms/step", "recall@k", "expected", "vs numpy", "% limit")
-    lines = [header]
+    header = (
+        "workload",
+        "method",
+        "ms/step",
+        "recall@k",
+        "expected",
+        "vs numpy",
+        "% limit",
+        "note",
+    )
+    lines = []
     for r in rows:
         expected = "-" if r.expected_recall is None else f"{r.expected_recall:.4f}"
+        kind = "bw" if r.limit_kind == "bandwidth" else "flops"
         lines.append(
             (
                 r.workload,
@@ -483,17 +584,29 @@ def format_table(rows: list[Row]) -> str:
                 f"{r.recall:.4f}",
                 expected,
                 f"{r.numpy_ms / r.ms:.2f}x",
+                f"{100.0 * r.limit_ms / r.ms:.1f}% {kind}",
+                r.full_note,
+            )
+        )
+    return table(header, lines)
+
+
+def format_scaling(rows: list[Row]) -> str:
+    header = ("capacity", "method", "ms/step", "ms/M rows", "recall@k", "% limit")
+    lines = []
+    for r in rows:
+        capacity = int(r.params["capacity"])
+        lines.append(
+            (
+                f"{capacity}",
+                r.method,
+                f"{r.ms:.2f}",
+                f"{r.ms / (capacity / 1e6):.2f}",
+                f"{r.recall:.4f}",
                 f"{100.0 * r.limit_ms / r.ms:.1f}%",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
-        out.append("  ".join(cells))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return table(header, lines)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -502,21 +615,75 @@ def format_table(rows: list[Row]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 timed steps instead of 5")
-    p.add_argument("--workloads", default="M1,M2", help=f"comma list of {','.join(WORKLOADS)}")
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help=f"comma list of {','.join(WORKLOADS)} (default M1,M2; none with --scaling)",
+    )
+    p.add_argument(
+        "--peers",
+        default="fast",
+        help="fast (default): numpy, torch, jax; all: also faiss (IndexFlatIP, IndexHNSWFlat,\n"
+        "IndexIVFFlat), hnswlib (M=16, 32), usearch (slow to build on large memories);\n"
+        "or a comma list of: numpy,torch,jax,faiss-flat,faiss-hnsw,faiss-ivf,hnswlib16,\n"
+        "hnswlib32,usearch (numpy exact always runs: it is the baseline)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default=",".join(KEY_DTYPES),
+        help="knnmem key dtypes to add at r=0.9 where the build supports them ('' = none)",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help=f"M3's shape (Q=64) at capacities {SCALING_CAPACITIES}: knnmem r=0.9, numpy exact",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per workload")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the raw numbers here")
+    p.add_argument("--plot", metavar="PATH", help="recall vs queries/s scatter per workload (PNG)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    names = [n.strip().upper() for n in args.workloads.split(",") if n.strip()]
+    workloads = args.workloads if args.workloads is not None else ("" if args.scaling else "M1,M2")
+    names = [n.strip().upper() for n in workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
-    if unknown or not names:
+    if unknown or not (names or args.scaling):
         p.error(f"--workloads: unknown {unknown}; choose from {','.join(WORKLOADS)}")
     args.workloads = names
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if args.steps is None:
         args.steps = 3 if args.quick else 5
     if args.steps < 1:
         p.error("--steps: expected >= 1")
+    try:
+        select_peers(args.peers)
+    except ValueError as e:
+        p.error(f"--peers: {e}")
     return args
+
+
+def run_scaling(args: argparse.Namespace, rates: Rates, progress: Progress) -> list[Row]:
+    base = WORKLOADS["M3"]
+    rows: list[Row] = []
+    for capacity in SCALING_CAPACITIES:
+        wl = Workload(f"M3@{capacity}", base.shape, capacity, base.dim, base.queries, base.k)
+        methods: list[Method] = [KnnmemMethod(wl, 0.9), NumpyExact(wl)]
+        for row in run_workload(wl, methods, args.steps, args.seed, progress):
+            row.params["capacity"] = capacity
+            rates.apply(row, wl)
+            rows.append(row)
+        print(f"done scaling {wl.describe()}", flush=True)
+    return rows
+
+
+def write_plot(path: str, rows: list[Row], notes: list[str]) -> None:
+    try:
+        import plot
+    except ImportError as e:
+        add_note(notes, f"no plot: {e}")
+        return
+    plot.plot_results([r.summary() for r in rows], path)
+    print(f"plot written to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -524,34 +691,54 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     info = machine()
     print_machine(info)
-    rates = [sgemm_gflops()]  # re-measured after each workload: the limit is the best rate
+    notes: list[str] = []
+    progress = Progress(not args.no_progress, notes)
+    rates = Rates()
+    rates.measure()  # re-measured after each workload: the limits use the best rates
     rows: list[Row] = []
     for name in args.workloads:
         wl = WORKLOADS[name]
-        rows += run_workload(wl, args.steps, args.seed)
-        rates.append(sgemm_gflops())
+        methods = knnmem_methods(wl, args.dtypes, notes) + peer_methods(wl, args.peers, notes)
+        wl_rows = run_workload(wl, methods, args.steps, args.seed, progress)
+        del methods  # free the memories before the next workload
+        rates.measure()
+        rows += wl_rows
         print(f"done {wl.describe()}", flush=True)
-    gflops = max(rates)
     for row in rows:
-        row.limit_ms = limit_ms(WORKLOADS[row.workload], gflops)
+        rates.apply(row, WORKLOADS[row.workload])
+    scaling = run_scaling(args, rates, progress) if args.scaling else []
+
     print()
-    print_sgemm(rates)
-    for name in args.workloads:
-        print(f"compute limit {name}: {limit_ms(WORKLOADS[name], gflops):.3f} ms/step")
+    print_rates(rates)
+    print_limits(rows + scaling)
     print()
-    print(format_table(rows))
+    if rows:
+        print(format_table(rows))
+        print(
+            "\n% limit: roofline time (the larger of the compute and key-bandwidth limits; flops "
+            "or bw says which) / step time.\nIndexes (built once on the full memory, build time "
+            "not in ms/step) do not read every key: theirs can exceed 100%."
+        )
+    if scaling:
+        print("\nscaling (M3 shape, Q=64):")
+        print(format_scaling(scaling))
     elapsed = time.perf_counter() - t0
     print(f"\n{args.steps} timed steps per method, median ms/step; recall mean over steps.")
     print(f"total run time {elapsed:.1f} s")
 
+    if args.plot and rows:
+        write_plot(args.plot, rows, notes)
     if args.json:
         report = {
             "args": vars(args),
             "machine": info,
-            "sgemm_gflops": gflops,
-            "sgemm_gflops_measurements": rates,
+            "sgemm_gflops": max(rates.sgemm_gflops),
+            "copy_gbps": max(rates.copy_gbps),
+            "rates": asdict(rates),
             "workloads": {n: asdict(WORKLOADS[n]) for n in args.workloads},
             "results": [r.summary() for r in rows],
+            "scaling": [r.summary() for r in scaling],
+            "notes": notes,
             "elapsed_s": elapsed,
         }
         with open(args.json, "w") as f:
