@@ -270,6 +270,7 @@ class Row:
     build_s: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     key_bytes: float = 4.0
+    capacity: int = 0
     queries_per_step: int = 0
     numpy_ms: float = math.nan
     compute_limit_ms: float = math.nan
@@ -373,6 +374,7 @@ def row_of(wl: Workload, m: Method) -> Row:
         build_s=m.build_s,
         params=dict(m.params),
         key_bytes=m.key_bytes,
+        capacity=wl.capacity,
         queries_per_step=wl.grid * wl.queries,
     )
 
@@ -595,18 +597,28 @@ def format_scaling(rows: list[Row]) -> str:
     header = ("capacity", "method", "ms/step", "ms/M rows", "recall@k", "% limit")
     lines = []
     for r in rows:
-        capacity = int(r.params["capacity"])
         lines.append(
             (
-                f"{capacity}",
+                f"{r.capacity}",
                 r.method,
                 f"{r.ms:.2f}",
-                f"{r.ms / (capacity / 1e6):.2f}",
+                f"{r.ms / (r.capacity / 1e6):.2f}",
                 f"{r.recall:.4f}",
                 f"{100.0 * r.limit_ms / r.ms:.1f}%",
             )
         )
     return table(header, lines)
+
+
+def scaling_growth(rows: list[Row]) -> str:
+    """Per method: growth of ms/step from the smallest to the largest capacity."""
+    lines = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.capacity)
+        rows_x = mine[-1].capacity / mine[0].capacity
+        growth = mine[-1].ms / mine[0].ms
+        lines.append(f"{method}: ms/step x{growth:.1f} for x{rows_x:.0f} rows (linear: same)")
+    return "\n".join(lines)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -662,16 +674,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def scaling_workloads() -> list[Workload]:
+    """M3's shape (one memory, d=128, Q=64) at each of SCALING_CAPACITIES."""
+    m3 = WORKLOADS["M3"]
+    return [Workload(f"M3@{c}", m3.shape, c, m3.dim, m3.queries, m3.k) for c in SCALING_CAPACITIES]
+
+
 def run_scaling(args: argparse.Namespace, rates: Rates, progress: Progress) -> list[Row]:
-    base = WORKLOADS["M3"]
+    """knnmem r=0.9 and numpy exact on scaling_workloads()."""
     rows: list[Row] = []
-    for capacity in SCALING_CAPACITIES:
-        wl = Workload(f"M3@{capacity}", base.shape, capacity, base.dim, base.queries, base.k)
+    for wl in scaling_workloads():
         methods: list[Method] = [KnnmemMethod(wl, 0.9), NumpyExact(wl)]
-        for row in run_workload(wl, methods, args.steps, args.seed, progress):
-            row.params["capacity"] = capacity
-            rates.apply(row, wl)
-            rows.append(row)
+        rows += run_workload(wl, methods, args.steps, args.seed, progress)
+        del methods
+        rates.measure()
         print(f"done scaling {wl.describe()}", flush=True)
     return rows
 
@@ -686,11 +702,15 @@ def write_plot(path: str, rows: list[Row], notes: list[str]) -> None:
     print(f"plot written to {path}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    info = machine()
-    print_machine(info)
+@dataclass
+class Results:
+    rows: list[Row]
+    scaling: list[Row]
+    rates: Rates
+    notes: list[str]
+
+
+def measure_all(args: argparse.Namespace) -> Results:
     notes: list[str] = []
     progress = Progress(not args.no_progress, notes)
     rates = Rates()
@@ -699,50 +719,69 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.workloads:
         wl = WORKLOADS[name]
         methods = knnmem_methods(wl, args.dtypes, notes) + peer_methods(wl, args.peers, notes)
-        wl_rows = run_workload(wl, methods, args.steps, args.seed, progress)
+        rows += run_workload(wl, methods, args.steps, args.seed, progress)
         del methods  # free the memories before the next workload
         rates.measure()
-        rows += wl_rows
         print(f"done {wl.describe()}", flush=True)
-    for row in rows:
-        rates.apply(row, WORKLOADS[row.workload])
     scaling = run_scaling(args, rates, progress) if args.scaling else []
+    known = {**WORKLOADS, **{wl.name: wl for wl in scaling_workloads()}}
+    for row in rows + scaling:
+        rates.apply(row, known[row.workload])
+    return Results(rows, scaling, rates, notes)
 
+
+LEGEND = """
+% limit: roofline time (the larger of the compute and key-bandwidth limits; flops or bw
+says which) / step time. Key dtypes scale the bandwidth limit by their bytes; the compute
+limit stays the fp32 sgemm rate, which bf16/int8 dot-product instructions can beat.
+Indexes (built once on the full memory, build time not in ms/step) do not read every key:
+theirs can exceed 100%."""
+
+
+def print_report(res: Results, steps: int) -> None:
     print()
-    print_rates(rates)
-    print_limits(rows + scaling)
+    print_rates(res.rates)
+    print_limits(res.rows + res.scaling)
     print()
-    if rows:
-        print(format_table(rows))
-        print(
-            "\n% limit: roofline time (the larger of the compute and key-bandwidth limits; flops "
-            "or bw says which) / step time.\nIndexes (built once on the full memory, build time "
-            "not in ms/step) do not read every key: theirs can exceed 100%."
-        )
-    if scaling:
+    if res.rows:
+        print(format_table(res.rows))
+        print(LEGEND)
+    if res.scaling:
         print("\nscaling (M3 shape, Q=64):")
-        print(format_scaling(scaling))
-    elapsed = time.perf_counter() - t0
-    print(f"\n{args.steps} timed steps per method, median ms/step; recall mean over steps.")
-    print(f"total run time {elapsed:.1f} s")
+        print(format_scaling(res.scaling))
+        print(scaling_growth(res.scaling))
+    print(f"\n{steps} timed steps per method, median ms/step; recall mean over steps.")
 
-    if args.plot and rows:
-        write_plot(args.plot, rows, notes)
+
+def write_json(path: str, args: argparse.Namespace, info: dict[str, Any], res: Results) -> None:
+    report = {
+        "args": vars(args),
+        "machine": info,
+        "sgemm_gflops": max(res.rates.sgemm_gflops),
+        "copy_gbps": max(res.rates.copy_gbps),
+        "rates": asdict(res.rates),
+        "workloads": {n: asdict(WORKLOADS[n]) for n in args.workloads},
+        "results": [r.summary() for r in res.rows],
+        "scaling": [r.summary() for r in res.scaling],
+        "notes": res.notes,
+    }
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    info = machine()
+    print_machine(info)
+    res = measure_all(args)
+    print_report(res, args.steps)
+    info["elapsed_s"] = time.perf_counter() - t0
+    print(f"total run time {info['elapsed_s']:.1f} s")
+    if args.plot and res.rows:
+        write_plot(args.plot, res.rows, res.notes)
     if args.json:
-        report = {
-            "args": vars(args),
-            "machine": info,
-            "sgemm_gflops": max(rates.sgemm_gflops),
-            "copy_gbps": max(rates.copy_gbps),
-            "rates": asdict(rates),
-            "workloads": {n: asdict(WORKLOADS[n]) for n in args.workloads},
-            "results": [r.summary() for r in rows],
-            "scaling": [r.summary() for r in scaling],
-            "notes": notes,
-            "elapsed_s": elapsed,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, args, info, res)
 
 
 if __name__ == "__main__":
