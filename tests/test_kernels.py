@@ -34,7 +34,7 @@ def test_portable_is_always_supported() -> None:
     assert _core.get_kernel() == VARIANTS[0]  # the best one is the default
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("capacity, d, written", [(113, 59, 100), (1000, 128, 2500), (7, 3, 5)])
@@ -49,7 +49,7 @@ def test_variant_matches_portable(kernel, dtype, variant, metric, capacity, d, w
         want = search_with("portable", mem, q, k=k, recall_target=target)
         got = search_with(variant, mem, q, k=k, recall_target=target)
         tol = score_tol(unit(keys), unit(q)) if metric == "cosine" else score_tol(keys, q)
-        if variant == "avx512_bf16" and dtype == "bfloat16":
+        if variant == "avx512_vnni_bf16" and dtype == "bfloat16":
             # vdpbf16ps rounds the queries to bfloat16 too: |q - q~| <= 2^-8 |q|.
             tol += 2.0**-7 * tol / (4 * d * np.finfo(np.float32).eps)
         np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=tol)
@@ -58,17 +58,21 @@ def test_variant_matches_portable(kernel, dtype, variant, metric, capacity, d, w
         sure[..., -1] = False  # the k-th may tie with the (k+1)-th, which is not returned
         # Indices agree wherever the score decides them (a different rounding can
         # swap near-ties, and in approximate mode change a bin's winner).
-        native_bf16 = variant == "avx512_bf16" and dtype == "bfloat16"
+        native_bf16 = variant == "avx512_vnni_bf16" and dtype == "bfloat16"
         assert sure.sum() > (0.05 if native_bf16 else 0.5) * sure.size
         agree = np.mean(got.indices[sure] == want.indices[sure])
+        if dtype == "int8":  # every variant computes the same integer dot products
+            np.testing.assert_array_equal(got.indices, want.indices)
         # With bfloat16 queries a bin's winner can change whenever two of its
         # scores are within the rounding: more approximate-mode disagreement.
         assert agree == 1.0 if target == 1.0 else agree > (0.9 if native_bf16 else 0.99)
 
 
 def test_unknown_or_unsupported_kernel(kernel) -> None:
-    with pytest.raises(ValueError, match=r"^kernel: expected one of 'avx512_bf16', 'avx512', "):
+    with pytest.raises(
+        ValueError, match=r"^kernel: expected one of 'avx512_vnni_bf16', 'avx512', "
+    ):
         _core.set_kernel("sse9")
-    for name in {"avx512_bf16", "avx512", "avx2"} - set(VARIANTS):
+    for name in {"avx512_vnni_bf16", "avx512", "avx2"} - set(VARIANTS):
         with pytest.raises(ValueError, match=r"^kernel: '.*' is not (supported|built)"):
             _core.set_kernel(name)

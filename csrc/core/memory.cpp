@@ -8,7 +8,7 @@
 #include <string>
 
 #include "core/assert.hpp"
-#include "core/bf16.hpp"
+#include "core/quantize.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -88,6 +88,21 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
           panel[d * kPanelSlots + slot % kPanelSlots] = key[d];
         }
         stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
+      } else if (m.key_format == KeyFormat::kInt8) {  // norms of the dequantised key
+        const int64_t rows = key_words(KeyFormat::kInt8, m.key_dim);
+        uint32_t* panel =
+            static_cast<uint32_t*>(m.keys) + (g * padded + slot / kPanelSlots * kPanelSlots) * rows;
+        uint32_t* lane = panel + slot % kPanelSlots;
+        int32_t sum = 0;
+        const float scale = detail::quantize_int8(
+            key, m.key_dim, sum, [&](int64_t w, uint32_t word) { lane[w * kPanelSlots] = word; });
+        m.key_scale[g * padded + slot] = scale;
+        m.key_sum[g * padded + slot] = sum;
+        stored_sq = 0.0f;
+        for (int64_t d = 0; d < m.key_dim; ++d) {
+          const float x = detail::int8_at(lane, kPanelSlots, d, scale);
+          stored_sq += x * x;
+        }
       } else {  // bfloat16 pairs; norms of the rounded key, which is what is scored
         const int64_t rows = (m.key_dim + 1) / 2;
         uint32_t* panel =
@@ -129,9 +144,7 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
   positive(value_dim, "value_dim");
   // Check every size before allocating anything.
   const int64_t padded = padded_capacity(capacity);
-  // float32: one float per dim; bfloat16: one 32-bit word per pair of dims.
-  const int64_t key_words = key_format == KeyFormat::kBFloat16 ? (key_dim + 1) / 2 : key_dim;
-  const int64_t key_bytes = checked_bytes(grid, padded, key_words, "keys");
+  const int64_t key_bytes = checked_bytes(grid, padded, key_words(key_format, key_dim), "keys");
   const int64_t value_bytes = checked_bytes(grid, capacity, value_dim, "values");
   const int64_t aux_bytes = checked_bytes(grid, padded, 1, "norms");
   placement_ = Placement::shared(capacity);
@@ -139,9 +152,15 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
     keys_ = alloc_zeroed(key_bytes, "keys");
     values_ = alloc_zeroed(value_bytes, "values");
     key_aux_ = alloc_zeroed(aux_bytes, "norms");
+    if (key_format == KeyFormat::kInt8) {
+      key_scale_ = alloc_zeroed(aux_bytes, "key scales");
+      key_sum_ = reinterpret_cast<int32_t*>(alloc_zeroed(aux_bytes, "key sums"));
+    }
   } catch (...) {
     free_aligned(static_cast<float*>(keys_));
     free_aligned(values_);
+    free_aligned(key_aux_);
+    free_aligned(key_scale_);
     throw;
   }
   written_.assign(static_cast<std::size_t>(grid), 0);
@@ -176,12 +195,15 @@ Memory::~Memory() {
   free_aligned(static_cast<float*>(keys_));
   free_aligned(values_);
   free_aligned(key_aux_);
+  free_aligned(key_scale_);
+  free_aligned(reinterpret_cast<float*>(key_sum_));
 }
 
 int64_t Memory::nbytes() const {
-  const int64_t key_words = key_format_ == KeyFormat::kBFloat16 ? (key_dim_ + 1) / 2 : key_dim_;
-  return 4 * grid_ * (padded_capacity(capacity_) * (key_words + 1) + capacity_ * value_dim_) +
-         8 * grid_ + 8 * capacity_;
+  const int64_t per_slot = key_words(key_format_, key_dim_) + 1 +      // keys, norm term
+                           (key_format_ == KeyFormat::kInt8 ? 2 : 0);  // scale, sum
+  return 4 * grid_ * (padded_capacity(capacity_) * per_slot + capacity_ * value_dim_) + 8 * grid_ +
+         8 * capacity_;
 }
 
 MutableMemoryView Memory::view_unlocked() const {
@@ -189,6 +211,8 @@ MutableMemoryView Memory::view_unlocked() const {
   v.keys = keys_;
   v.values = values_;
   v.key_aux = key_aux_;
+  v.key_scale = key_scale_;
+  v.key_sum = key_sum_;
   v.written = const_cast<int64_t*>(written_.data());  // written only under the exclusive lock
   v.grid = grid_;
   v.capacity = capacity_;

@@ -27,11 +27,19 @@ const char* metric_name(Metric metric) {
 KeyFormat parse_key_format(const std::string& name) {
   if (name == "float32") return KeyFormat::kFloat32;
   if (name == "bfloat16") return KeyFormat::kBFloat16;
-  throw InvalidArgument("dtype: expected one of 'float32', 'bfloat16', got '" + name + "'");
+  if (name == "int8") return KeyFormat::kInt8;
+  throw InvalidArgument("dtype: expected one of 'float32', 'bfloat16', 'int8', got '" + name + "'");
 }
 
 const char* key_format_name(KeyFormat format) {
-  return format == KeyFormat::kBFloat16 ? "bfloat16" : "float32";
+  switch (format) {
+    case KeyFormat::kBFloat16:
+      return "bfloat16";
+    case KeyFormat::kInt8:
+      return "int8";
+    default:
+      return "float32";
+  }
 }
 
 double expected_recall(int64_t num_bins, int64_t k) {

@@ -14,7 +14,7 @@ namespace {
 // Best first. The x86 variants exist only in x86-64 builds (CMakeLists.txt).
 const Kernel kKernels[] = {
 #ifdef KNNMEM_X86_KERNELS
-    {"avx512_bf16", scan_avx512bf16},
+    {"avx512_vnni_bf16", scan_avx512dl},
     {"avx512", scan_avx512},
     {"avx2", scan_avx2},
 #endif
@@ -23,10 +23,11 @@ const Kernel kKernels[] = {
 
 bool cpu_supports(const std::string& name) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (name == "avx512" || name == "avx512_bf16") {
+  if (name == "avx512" || name == "avx512_vnni_bf16") {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           (name == "avx512" || __builtin_cpu_supports("avx512bf16"));
+           (name == "avx512" ||
+            (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")));
   }
   if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -34,9 +35,9 @@ bool cpu_supports(const std::string& name) {
 }
 
 const Kernel* find(const std::string& name) {
-  if (name != "avx512_bf16" && name != "avx512" && name != "avx2" && name != "portable") {
+  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "portable") {
     throw InvalidArgument(
-        "kernel: expected one of 'avx512_bf16', 'avx512', 'avx2', 'portable' (or '' for "
+        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'portable' (or '' for "
         "automatic), got '" +
         name + "'");
   }

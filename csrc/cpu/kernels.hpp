@@ -8,8 +8,9 @@
 // running max and slot (strided bins: slot s -> bin s mod L), or a thresholded
 // candidate buffer for exact top-k. No score matrix exists beyond registers.
 //
-// Variants (portable, avx2, avx512, avx512_bf16 -- the last differs only in
-// scoring bfloat16 keys with vdpbf16ps) are separate translation units compiled
+// Variants (portable, avx2, avx512, avx512_vnni_bf16 -- the last differs only
+// in scoring bfloat16 keys with vdpbf16ps and int8 keys with vpdpbusd) are
+// separate translation units compiled
 // with their own ISA flags and chosen at run time from CPU features, or forced
 // with KNNMEM_KERNEL=<name> / set_kernel(). Those units use no standard-library
 // templates (whose out-of-line copies the linker could share with baseline
@@ -44,10 +45,13 @@ struct ScanArgs {
   // length for cosine), zero-padded to q_stride >= dim (2 * ceil(dim / 2) for
   // bfloat16 keys); query_sq[q] = |q|^2 (l2 only). For bfloat16 keys also
   // query_words [num_queries][ceil(dim / 2)]: the queries rounded to bfloat16
-  // pairs, in the layout of the keys.
+  // pairs, in the layout of the keys. For int8 keys query_words holds
+  // [num_queries][ceil(dim / 4)] words of four unsigned 7-bit values u = 64 +
+  // round(q / query_scale), lowest byte first.
   const float* queries = nullptr;
   const float* query_sq = nullptr;
   const uint32_t* query_words = nullptr;
+  const float* query_scale = nullptr;  // int8 keys: q ~= query_scale * (u - 64)
   int64_t num_queries = 0;
   int64_t dim = 0;
   int64_t q_stride = 0;
@@ -60,6 +64,9 @@ struct ScanArgs {
   KeyFormat key_format = KeyFormat::kFloat32;
   const void* panels = nullptr;
   const float* key_aux = nullptr;
+  // int8 keys (from slot `begin`): k ~= key_scale * k8, key_sum = sum of k8.
+  const float* key_scale = nullptr;
+  const int32_t* key_sum = nullptr;
   int64_t begin = 0;
   int64_t end = 0;
   // Slots >= masked_begin are live only if offset_of[slot] < written.
@@ -99,6 +106,6 @@ void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, floa
 void scan_portable(const ScanArgs& args);
 void scan_avx2(const ScanArgs& args);
 void scan_avx512(const ScanArgs& args);
-void scan_avx512bf16(const ScanArgs& args);  // avx512 + AVX512_BF16 dot products
+void scan_avx512dl(const ScanArgs& args);  // avx512 + AVX512_BF16 and AVX512_VNNI
 
 }  // namespace knnmem::cpu

@@ -49,6 +49,19 @@ struct V {
   static I select_slots(M m, I a, I b) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b), _mm256_castsi256_ps(a), m));
   }
+  static I izero() { return _mm256_setzero_si256(); }
+  static I load_words(const uint32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static I set1_word(uint32_t w) { return _mm256_set1_epi32(static_cast<int>(w)); }
+  // u8 x s8 pairs to int16 (no saturation: u < 128, |k| <= 127), then pairs to int32.
+  static I dot_u8s8(I acc, I q, I k) {
+    const __m256i pairs = _mm256_maddubs_epi16(q, k);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I shl6(I a) { return _mm256_slli_epi32(a, 6); }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -67,6 +80,8 @@ namespace knnmem::cpu {
 void scan_avx2(const ScanArgs& args) {
   if (args.key_format == KeyFormat::kBFloat16) {
     Scan<V>{args}.run<KeyFormat::kBFloat16, 4, 2>();
+  } else if (args.key_format == KeyFormat::kInt8) {
+    Scan<V>{args}.run<KeyFormat::kInt8, 4, 2>();
   } else {
     Scan<V>{args}.run<KeyFormat::kFloat32, 6, 2>();
   }

@@ -1,7 +1,9 @@
-// AVX-512 with AVX512_BF16: bfloat16 keys scored by vdpbf16ps, which
-// multiplies pairs of bfloat16 (keys and queries rounded to bfloat16) and
-// accumulates in float32 -- twice the multiply-adds of a float32 FMA per
-// instruction and half the bytes of keys. float32 keys run as in scan_avx512.
+// AVX-512 with AVX512_BF16 and AVX512_VNNI (the "deep learning" extensions):
+// bfloat16 keys are scored by vdpbf16ps, which multiplies pairs of bfloat16
+// (keys and queries rounded to bfloat16) and accumulates in float32, and int8
+// keys by vpdpbusd (four u8 x s8 products per lane into int32) -- two and four
+// times the multiply-adds of a float32 FMA per instruction, on half and a
+// quarter of the bytes. float32 keys run as in scan_avx512.cpp.
 #include "cpu/kernels.hpp"
 #include "cpu/v_avx512.hpp"
 
@@ -10,11 +12,10 @@ namespace {
 
 struct V : VAvx512 {
   static constexpr bool kNativeBF16 = true;
-  static I load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  static I set1_word(uint32_t w) { return _mm512_set1_epi32(static_cast<int>(w)); }
   static F dot_bf16(F acc, I q, I k) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(q), reinterpret_cast<__m512bh&>(k));
   }
+  static I dot_u8s8(I acc, I q, I k) { return _mm512_dpbusd_epi32(acc, q, k); }
 };
 
 }  // namespace
@@ -24,9 +25,11 @@ struct V : VAvx512 {
 
 namespace knnmem::cpu {
 
-void scan_avx512bf16(const ScanArgs& args) {
+void scan_avx512dl(const ScanArgs& args) {
   if (args.key_format == KeyFormat::kBFloat16) {
     Scan<V>{args}.run<KeyFormat::kBFloat16, 6, 4>();
+  } else if (args.key_format == KeyFormat::kInt8) {
+    Scan<V>{args}.run<KeyFormat::kInt8, 6, 4>();
   } else {
     Scan<V>{args}.run<KeyFormat::kFloat32, 6, 4>();
   }

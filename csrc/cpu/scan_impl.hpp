@@ -122,7 +122,8 @@ struct Scan {
           for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, kv[c], acc[r][c]);
         }
       }
-    } else {  // bfloat16 pairs: word i of a slot holds dims 2i (low half) and 2i+1
+    } else if constexpr (KF == KeyFormat::kBFloat16) {
+      // bfloat16 pairs: word i of a slot holds dims 2i (low half) and 2i+1
       const int64_t rows = (a.dim + 1) / 2;
       const uint32_t* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * W, rows);
@@ -148,6 +149,33 @@ struct Scan {
               acc[r][c] = V::fma(qo, odd[c], V::fma(qe, even[c], acc[r][c]));
             }
           }
+        }
+      }
+    } else {  // int8: four dims per word, 7-bit unsigned queries, integer sums
+      const int64_t rows = (a.dim + 3) / 4;
+      const uint32_t* kp[C];
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * W, rows);
+      const uint32_t* qw = a.query_words + q0 * rows;
+      typename V::I sums[R][C];
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < C; ++c) sums[r][c] = V::izero();
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        typename V::I kv[C];
+        for (int c = 0; c < C; ++c) kv[c] = V::load_words(kp[c] + i * kPanel);
+        for (int r = 0; r < R; ++r) {
+          const auto qv = V::set1_word(qw[r * rows + i]);
+          for (int c = 0; c < C; ++c) sums[r][c] = V::dot_u8s8(sums[r][c], qv, kv[c]);
+        }
+      }
+      // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales.
+      for (int c = 0; c < C; ++c) {
+        const int64_t at = s + c * W - a.begin;
+        const auto offset = V::shl6(V::load_slots(a.key_sum + at));
+        const F key_scale = V::load(a.key_scale + at);
+        for (int r = 0; r < R; ++r) {
+          const F scale = V::mul(key_scale, V::set1(a.query_scale[q0 + r]));
+          acc[r][c] = V::mul(V::to_float(V::isub(sums[r][c], offset)), scale);
         }
       }
     }

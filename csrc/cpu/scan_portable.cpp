@@ -55,6 +55,27 @@ struct V {
   }
   static void store_slots(int32_t* p, I a) { std::memcpy(p, &a, sizeof(a)); }
   static I select_slots(M m, I a, I b) { return m ? a : b; }
+  static I izero() { return I{0, 0, 0, 0}; }
+  static I load_words(const uint32_t* p) {
+    I r;
+    std::memcpy(&r, p, sizeof(r));
+    return r;
+  }
+  static I set1_word(uint32_t w) {
+    const int32_t x = static_cast<int32_t>(w);
+    return I{x, x, x, x};
+  }
+  static I dot_u8s8(I acc, I q, I k) {  // q: unsigned bytes < 128, k: signed bytes
+    for (int b = 0; b < 4; ++b) {
+      const I qb = (q >> (8 * b)) & 0xFF;
+      const I kb = (k << (24 - 8 * b)) >> 24;
+      acc += qb * kb;
+    }
+    return acc;
+  }
+  static I isub(I a, I b) { return a - b; }
+  static I shl6(I a) { return a << 6; }
+  static F to_float(I a) { return __builtin_convertvector(a, F); }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     typedef uint32_t U __attribute__((vector_size(16)));
     U w;
@@ -80,6 +101,8 @@ namespace knnmem::cpu {
 void scan_portable(const ScanArgs& args) {
   if (args.key_format == KeyFormat::kBFloat16) {
     Scan<V>{args}.run<KeyFormat::kBFloat16, 4, 2>();
+  } else if (args.key_format == KeyFormat::kInt8) {
+    Scan<V>{args}.run<KeyFormat::kInt8, 4, 2>();
   } else {
     Scan<V>{args}.run<KeyFormat::kFloat32, 4, 2>();
   }

@@ -43,6 +43,17 @@ struct VAvx512 {
   static I load_slots(const int32_t* p) { return _mm512_loadu_si512(p); }
   static void store_slots(int32_t* p, I a) { _mm512_storeu_si512(p, a); }
   static I select_slots(M m, I a, I b) { return _mm512_mask_blend_epi32(m, b, a); }
+  static I izero() { return _mm512_setzero_si512(); }
+  static I load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static I set1_word(uint32_t w) { return _mm512_set1_epi32(static_cast<int>(w)); }
+  // u8 x s8 pairs to int16 (no saturation: u < 128, |k| <= 127), then pairs to int32.
+  static I dot_u8s8(I acc, I q, I k) {
+    const __m512i pairs = _mm512_maddubs_epi16(q, k);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+  static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I shl6(I a) { return _mm512_slli_epi32(a, 6); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
   static void widen_bf16(const uint32_t* k, F& even, F& odd) {
     const __m512i w = _mm512_loadu_si512(k);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));

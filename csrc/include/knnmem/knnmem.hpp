@@ -118,13 +118,22 @@ class Placement {
 // Borrowed views of a grid of memories (see the ring layout above).
 enum class KeyLayout : int { kRows = 0, kPanels = 1 };
 
-// Element type of stored keys. bfloat16 keys are kept in panels only, as
-// pairs: 32-bit word i of a slot holds dims 2i (low half) and 2i+1.
-enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1 };
+// Element type of stored keys. bfloat16 and int8 keys are kept in panels
+// only, packed in 32-bit words: word i of a slot holds dims 2i (low half) and
+// 2i+1 (bfloat16), or dims 4i .. 4i+3 (int8, lowest byte first). int8 keys
+// are k ~= scale * q with q in [-127, 127] per row; the row's scale and the
+// sum of its q are kept per slot (key_scale, key_sum).
+enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
 
-// Parses "float32" | "bfloat16"; throws InvalidArgument naming `dtype`.
+// Parses "float32" | "bfloat16" | "int8"; throws InvalidArgument naming `dtype`.
 KeyFormat parse_key_format(const std::string& name);
 const char* key_format_name(KeyFormat format);
+// 32-bit words a slot's key takes: dim, ceil(dim / 2) or ceil(dim / 4).
+inline int64_t key_words(KeyFormat format, int64_t dim) {
+  return format == KeyFormat::kInt8       ? (dim + 3) / 4
+         : format == KeyFormat::kBFloat16 ? (dim + 1) / 2
+                                          : dim;
+}
 
 inline constexpr int64_t kPanelSlots = 16;
 inline int64_t padded_capacity(int64_t capacity) {
@@ -134,7 +143,9 @@ inline int64_t padded_capacity(int64_t capacity) {
 struct MemoryView {
   const void* keys = nullptr;  // float32 rows, or panels of key_format
   const float* values = nullptr;
-  const float* key_aux = nullptr;  // may be null: computed on the fly
+  const float* key_aux = nullptr;    // may be null: computed on the fly
+  const float* key_scale = nullptr;  // int8 only, [G][16 * panels]
+  const int32_t* key_sum = nullptr;  // int8 only, [G][16 * panels]
   const int64_t* written = nullptr;
   int64_t grid = 0;
   int64_t capacity = 0;
@@ -151,7 +162,9 @@ struct MemoryView {
 struct MutableMemoryView {
   void* keys = nullptr;
   float* values = nullptr;
-  float* key_aux = nullptr;  // may be null: not maintained
+  float* key_aux = nullptr;    // may be null: not maintained
+  float* key_scale = nullptr;  // int8 only
+  int32_t* key_sum = nullptr;  // int8 only
   int64_t* written = nullptr;
   int64_t grid = 0;
   int64_t capacity = 0;
@@ -165,8 +178,8 @@ struct MutableMemoryView {
   const Placement* placement = nullptr;
 
   MemoryView as_const() const {
-    return MemoryView{keys,       values,     key_aux,    written,   grid,
-                      capacity,   key_dim,    key_stride, value_dim, value_stride,
+    return MemoryView{keys,       values,     key_aux,    key_scale,  key_sum,   written,
+                      grid,       capacity,   key_dim,    key_stride, value_dim, value_stride,
                       key_layout, key_format, aux_metric, placement};
   }
 };
@@ -268,6 +281,8 @@ class Memory {
   void* keys_ = nullptr;  // panels of key_format_
   float* values_ = nullptr;
   float* key_aux_ = nullptr;
+  float* key_scale_ = nullptr;  // int8 only
+  int32_t* key_sum_ = nullptr;  // int8 only
   std::vector<int64_t> written_;
   mutable RWLock mutex_;
 };
