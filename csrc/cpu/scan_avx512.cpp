@@ -19,14 +19,6 @@ struct V : VAvx512 {
 
 namespace knnmem::cpu {
 
-void scan_avx512(const ScanArgs& args) {
-  if (args.key_format == KeyFormat::kBFloat16) {
-    Scan<V>{args}.run<KeyFormat::kBFloat16, 6, 3>();
-  } else if (args.key_format == KeyFormat::kInt8) {
-    Scan<V>{args}.run<KeyFormat::kInt8, 6, 4>();
-  } else {
-    Scan<V>{args}.run<KeyFormat::kFloat32, 6, 4>();
-  }
-}
+void scan_avx512(const ScanArgs& args) { scan_any_format<V, 6, 4, 6, 3, 6, 4>(args); }
 
 }  // namespace knnmem::cpu

@@ -25,14 +25,6 @@ struct V : VAvx512 {
 
 namespace knnmem::cpu {
 
-void scan_avx512dl(const ScanArgs& args) {
-  if (args.key_format == KeyFormat::kBFloat16) {
-    Scan<V>{args}.run<KeyFormat::kBFloat16, 6, 4>();
-  } else if (args.key_format == KeyFormat::kInt8) {
-    Scan<V>{args}.run<KeyFormat::kInt8, 6, 4>();
-  } else {
-    Scan<V>{args}.run<KeyFormat::kFloat32, 6, 4>();
-  }
-}
+void scan_avx512dl(const ScanArgs& args) { scan_any_format<V, 6, 4, 6, 4, 6, 4>(args); }
 
 }  // namespace knnmem::cpu

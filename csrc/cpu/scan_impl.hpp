@@ -243,5 +243,20 @@ struct Scan {
   }
 };
 
+// The scan for the key format of `args`, with a tile shape (queries x vectors
+// of slots) per format: float32 (R32 x C32), bfloat16 (R16 x C16) and int8
+// (R8 x C8) keys need different numbers of registers besides the tile.
+template <class V, int R32, int C32, int R16, int C16, int R8, int C8>
+void scan_any_format(const ScanArgs& args) {
+  const Scan<V> scan{args};
+  if (args.key_format == KeyFormat::kBFloat16) {
+    scan.template run<KeyFormat::kBFloat16, R16, C16>();
+  } else if (args.key_format == KeyFormat::kInt8) {
+    scan.template run<KeyFormat::kInt8, R8, C8>();
+  } else {
+    scan.template run<KeyFormat::kFloat32, R32, C32>();
+  }
+}
+
 }  // namespace
 }  // namespace knnmem::cpu

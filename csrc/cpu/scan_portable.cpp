@@ -98,14 +98,6 @@ struct V {
 
 namespace knnmem::cpu {
 
-void scan_portable(const ScanArgs& args) {
-  if (args.key_format == KeyFormat::kBFloat16) {
-    Scan<V>{args}.run<KeyFormat::kBFloat16, 4, 2>();
-  } else if (args.key_format == KeyFormat::kInt8) {
-    Scan<V>{args}.run<KeyFormat::kInt8, 4, 2>();
-  } else {
-    Scan<V>{args}.run<KeyFormat::kFloat32, 4, 2>();
-  }
-}
+void scan_portable(const ScanArgs& args) { scan_any_format<V, 4, 2, 4, 2, 4, 2>(args); }
 
 }  // namespace knnmem::cpu
