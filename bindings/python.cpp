@@ -148,14 +148,35 @@ std::string named(const char* name, int64_t v) {
 // Allocates the result arrays and runs `run(out)` without the GIL.
 template <class Run>
 py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64_t value_dim,
-                     Run&& run) {
-  py::array_t<float> scores({grid, nq, k});
-  py::array_t<int64_t> indices({grid, nq, k});
-  py::array_t<bool> mask({grid, nq, k});
-  py::array_t<float> keys({grid, nq, k, key_dim});
-  py::array_t<float> values({grid, nq, k, value_dim});
-  knnmem::SearchOutput out{scores.mutable_data(), indices.mutable_data(), mask.mutable_data(),
-                           keys.mutable_data(), values.mutable_data()};
+                     const std::optional<py::tuple>& given, Run&& run) {
+  // New arrays, or the caller's (a steady-state loop reuses them and saves the
+  // page faults of fresh memory), checked to be exactly what a new one would be.
+  auto result = [&](std::size_t i, const char* name, py::dtype dtype,
+                    std::vector<py::ssize_t> shape) -> py::array {
+    if (!given) return py::array(dtype, shape);
+    if (given->size() != 5) {
+      throw InvalidArgument("out: expected (scores, indices, keys, values, mask), got " +
+                            std::to_string(given->size()) + " items");
+    }
+    py::array a = py::reinterpret_borrow<py::object>((*given)[i]);
+    const bool ok = a.dtype().is(dtype) && (a.flags() & py::array::c_style) && a.writeable() &&
+                    std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()) == shape;
+    if (!ok) {
+      throw InvalidArgument(std::string("out: ") + name +
+                            " must be a writeable C-contiguous array of dtype " +
+                            std::string(py::str(dtype)) + " and the result's shape");
+    }
+    return a;
+  };
+  py::array scores = result(0, "scores", py::dtype::of<float>(), {grid, nq, k});
+  py::array indices = result(1, "indices", py::dtype::of<int64_t>(), {grid, nq, k});
+  py::array keys = result(2, "keys", py::dtype::of<float>(), {grid, nq, k, key_dim});
+  py::array values = result(3, "values", py::dtype::of<float>(), {grid, nq, k, value_dim});
+  py::array mask = result(4, "mask", py::dtype::of<bool>(), {grid, nq, k});
+  knnmem::SearchOutput out{
+      static_cast<float*>(scores.mutable_data()), static_cast<int64_t*>(indices.mutable_data()),
+      static_cast<bool*>(mask.mutable_data()), static_cast<float*>(keys.mutable_data()),
+      static_cast<float*>(values.mutable_data())};
   {
     py::gil_scoped_release release;
     run(out);
@@ -288,8 +309,8 @@ PYBIND11_MODULE(_core, m) {
           py::arg("keys"), py::arg("values"))
       .def(
           "search",
-          [](const knnmem::Memory& self, const py::array& queries, int64_t k,
-             double recall_target) {
+          [](const knnmem::Memory& self, const py::array& queries, int64_t k, double recall_target,
+             const std::optional<py::tuple>& out) {
             const int64_t G = self.grid();
             checked_k(k, self.capacity());
             checked_recall_target(recall_target);
@@ -297,12 +318,11 @@ PYBIND11_MODULE(_core, m) {
                 checked_input(queries, "queries", G, -1, self.key_dim(),
                               dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
             const int64_t nq = rows_of(queries);
-            return run_search(G, nq, k, self.key_dim(), self.value_dim(),
-                              [&](const knnmem::SearchOutput& out) {
-                                self.search(q, nq, k, recall_target, out);
-                              });
+            return run_search(
+                G, nq, k, self.key_dim(), self.value_dim(), out,
+                [&](const knnmem::SearchOutput& o) { self.search(q, nq, k, recall_target, o); });
           },
-          py::arg("queries"), py::arg("k"), py::arg("recall_target"))
+          py::arg("queries"), py::arg("k"), py::arg("recall_target"), py::arg("out") = py::none())
       .def(
           "clear",
           [](knnmem::Memory& self, std::optional<py::array_t<bool, py::array::c_style>> mask) {
@@ -328,7 +348,7 @@ PYBIND11_MODULE(_core, m) {
             checked_input(queries, "queries", view.grid, -1, view.key_dim,
                           dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
         const int64_t nq = rows_of(queries);
-        return run_search(view.grid, nq, k, view.key_dim, view.value_dim,
+        return run_search(view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
                           [&](const knnmem::SearchOutput& out) {
                             knnmem::search(view, q, nq, {k, recall_target, parsed}, out);
                           });

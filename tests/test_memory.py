@@ -185,3 +185,25 @@ def test_results_follow_the_queries_framework() -> None:
     res = mem.search(torch.from_numpy(x), k=1)
     assert isinstance(res.indices, torch.Tensor)
     assert res.indices[0, :, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_search_into_given_result_arrays() -> None:
+    rng = np.random.default_rng(6)
+    mem = knnmem.Memory((2, 3), capacity=50, key_dim=5, value_dim=2)
+    mem.add(rows(rng, (2, 3), 60, 5), rows(rng, (2, 3), 60, 2))
+    q = rows(rng, (2, 3), 7, 5)
+    out = mem.search(q, k=4)
+    fresh = mem.search(q * 2, k=4)
+    again = mem.search(q * 2, k=4, out=out)
+    assert again is out
+    for a, b in zip(out, fresh):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        ValueError, match=r"^out: scores must be a numpy array of shape \(2, 3, 7, 5\)"
+    ):
+        mem.search(q, k=5, out=out)
+    bad = out._replace(keys=out.keys.astype(np.float64))
+    with pytest.raises(ValueError, match=r"^out: keys must be a writeable C-contiguous array"):
+        mem.search(q, k=4, out=bad)
+    with pytest.raises(TypeError, match=r"^out: expected a SearchResult"):
+        mem.search(q, k=4, out=[1, 2])

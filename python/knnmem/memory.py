@@ -206,18 +206,45 @@ class Memory:
         check_grid_array(values, "values", self._shape, t, self.value_dim, "T", "value_dim")
         self._core.add(keys, values)
 
-    def search(self, queries: Any, k: int = 32, recall_target: float = 0.9) -> SearchResult:
+    def search(
+        self,
+        queries: Any,
+        k: int = 32,
+        recall_target: float = 0.9,
+        out: SearchResult | None = None,
+    ) -> SearchResult:
         """Approximate top-k of queries [*shape, Q, key_dim] in their memories.
 
         recall_target: expected fraction of the exact top-k found, in (0, 1];
         1.0 means exact search. See knnmem.eval.expected_recall.
+        out: a SearchResult of numpy arrays from an earlier search of the same
+        shapes, written in place and returned (a loop that reuses it saves
+        allocating, and page-faulting, fresh result memory every step).
         """
         framework = framework_of(queries)
         k, recall_target = check_search_args(k, recall_target, self.capacity)
         q = as_float32(queries, "queries")
-        check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
-        raw = self._core.search(q, k, recall_target)
-        return wrap_result(raw, self._shape, framework)
+        nq = check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
+        if out is None:
+            return wrap_result(self._core.search(q, k, recall_target), self._shape, framework)
+        self._core.search(q, k, recall_target, out=self._flat_out(out, nq, k))
+        return out
+
+    def _flat_out(self, out: Any, nq: int, k: int) -> tuple:
+        """The arrays of `out` viewed as the core's [G, Q, k, ...], checked."""
+        if not isinstance(out, tuple) or len(out) != 5:
+            raise TypeError(f"out: expected a SearchResult, got {type(out).__name__}")
+        dims = {"keys": (self.key_dim,), "values": (self.value_dim,)}
+        flat = []
+        for name, arr in zip(SearchResult._fields, out):
+            shape = (*self._shape, nq, k, *dims.get(name, ()))
+            if not isinstance(arr, np.ndarray) or arr.shape != shape:
+                got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise ValueError(f"out: {name} must be a numpy array of shape {shape}, got {got}")
+            flat.append(arr.reshape((-1, *shape[len(self._shape) :])))
+            if not np.shares_memory(flat[-1], arr):
+                raise ValueError(f"out: {name} must be C-contiguous")
+        return tuple(flat)
 
     def clear(self, which: Any = None) -> None:
         """Empties memories: all (None), a bool mask of the grid's shape, or indices
