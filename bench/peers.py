@@ -629,10 +629,17 @@ class Usearch(IndexPeer):
             index.expansion_search = value
 
     def _query(self, index: Any, queries: np.ndarray) -> np.ndarray:
-        matches = index.search(queries, self.wl.k)
-        keys = matches.keys.astype(np.int64).reshape(len(queries), -1)
-        counts = np.asarray(matches.counts).reshape(-1, 1)
-        return np.where(np.arange(keys.shape[1]) < counts, keys, -1)
+        k = self.wl.k
+        matches = index.search(queries, k)
+        if hasattr(matches, "counts"):  # BatchMatches: [Q, k] keys, valid up to counts
+            keys = np.asarray(matches.keys, np.int64).reshape(len(queries), k)
+            counts = np.asarray(matches.counts).reshape(-1, 1)
+        else:  # one query gives a Matches holding only the keys found
+            found = np.asarray(matches.keys, np.int64)
+            keys = np.full((1, k), -1, np.int64)
+            keys[0, : found.size] = found
+            counts = np.array([[found.size]])
+        return np.where(np.arange(k) < counts, keys, -1)
 
 
 # -- registry ------------------------------------------------------------------------------
