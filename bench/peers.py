@@ -145,6 +145,7 @@ class Method:
     key_bytes: float = 4.0  # bytes per key element it stores (for the bandwidth limit)
     expected_recall: float | None = None
     build_s: float | None = None
+    tunable: bool = False  # whether tune() does anything (it needs exact answers)
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
@@ -322,6 +323,7 @@ class JaxApproxMaxK(Method):
         same = (self.keys.data[:, slots], self.values.data[:, slots])
         self.jkeys, self.jvalues = self._add(self.jkeys, self.jvalues, slots, *same)
         self.jax.block_until_ready(self.jkeys)
+        self.keys.data = self.values.data = np.empty((0, 0, 0), np.float32)  # jax holds them
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
         slots = self.keys.next_slots(keys.shape[1])
@@ -396,6 +398,7 @@ class IndexPeer(Method):
     PARAM: str = ""
     PARAM_LADDER: tuple[int, ...] = ()
     EVICTION: str = ""
+    tunable = True
 
     def __init__(self, wl: Workload) -> None:
         super().__init__()

@@ -346,7 +346,7 @@ def build_and_tune(
     tune_truth: np.ndarray | None = None
     for m in methods:
         m.build()
-        if type(m).tune is not Method.tune:
+        if m.tunable:
             if tune_truth is None:
                 tune_truth = truth.exact_topk(tune_queries, wl.k)
             m.tune(tune_queries, tune_truth)
