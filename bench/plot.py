@@ -21,7 +21,7 @@ MARKERS = "o^sDv<>pP*hX8d"
 
 def _style(methods: list[str]) -> dict[str, tuple[str, Any]]:
     """A marker and colour per method, the same in every panel."""
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
     return {
         m: (MARKERS[i % len(MARKERS)], colours[i % len(colours)]) for i, m in enumerate(methods)
     }
