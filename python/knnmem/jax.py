@@ -757,8 +757,8 @@ def memorizing_attention(
     the state (no position bias). The two are combined by a per-memory learned gate
     g = sigmoid(gate_bias) (gate_bias broadcastable to state.shape, e.g. [heads]):
     out = g * memory + (1 - g) * local; a query with nothing in memory uses local only.
-    ``scale`` multiplies the cosine logits (default sqrt(head_dim); pass a learned
-    temperature to train it).
+    ``scale`` multiplies the cosine logits, a scalar or broadcastable to state.shape
+    (default sqrt(head_dim); pass a learned temperature to train it).
 
     Per segment: reset (``reset_mask``, bool [*shape] or a leading prefix: memories of new
     documents are cleared, and their context is hidden) -> search -> add (the segment's
@@ -774,8 +774,7 @@ def memorizing_attention(
     vv = _check_rows(values, "values", shape, t, state.value_dim, "value_dim")
     if scale is None:
         scale = math.sqrt(state.key_dim)
-    scale = jnp.asarray(scale, jnp.float32)
-    scale = scale.reshape(scale.shape + (1,) * min(2, max(0, len(shape) + 2 - scale.ndim)))
+    scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), shape)[..., None, None]
     qn, kn = _normalize(q), _normalize(kk)
 
     visible_context = None
@@ -786,7 +785,8 @@ def memorizing_attention(
 
     # (b) memory
     res = search(state, qn, k, recall_target, impl=impl, capacity_axis=capacity_axis)
-    w_mem = _softmax(scale * res.scores, res.mask)
+    # (-inf scores of empty entries must not meet the scale: -inf * 0 is a NaN gradient)
+    w_mem = _softmax(scale * jnp.where(res.mask, res.scores, 0), res.mask)
     mem_out = jnp.einsum("...qk,...qkd->...qd", w_mem, res.values)
     has_mem = jnp.any(res.mask, -1, keepdims=True)
 
