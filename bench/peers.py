@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from knnmem.eval import recall
+from knnmem.eval import exact_search, recall
 
 TUNE_TARGET = 0.9  # recall the graph / IVF search parameters are tuned to
 
@@ -119,8 +119,6 @@ class Ring:
 
     def exact_topk(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Float64 exact top-k stream positions [G, Q, k] over the live rows."""
-        from knnmem.eval import exact_search
-
         start, rows = self.live()
         _, idx = exact_search(rows, queries, k)
         return np.where(idx >= 0, idx + start, -1)
