@@ -390,6 +390,12 @@ PYBIND11_MODULE(_core, m) {
       "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");
   m.def("expected_recall", &knnmem::expected_recall, py::arg("num_bins"), py::arg("k"));
   m.def("bins_for_recall", &knnmem::bins_for_recall, py::arg("k"), py::arg("recall_target"));
+  m.def(
+      "bins_for_search",
+      [](int64_t k, double recall_target, const std::string& dtype) {
+        return knnmem::bins_for_search(k, recall_target, knnmem::parse_key_format(dtype));
+      },
+      py::arg("k"), py::arg("recall_target"), py::arg("dtype") = "float32");
   m.def("set_num_threads", &knnmem::set_num_threads, py::arg("num_threads"));
   m.def("set_kernel", &knnmem::set_kernel, py::arg("name"),
         "Force a CPU kernel variant ('avx512', 'avx2', 'portable'); '' = automatic.");

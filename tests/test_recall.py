@@ -107,6 +107,13 @@ def test_bins_for_recall_values() -> None:
             assert L == k or expected_recall(L - 1, k) < target
 
 
+def test_bins_for_search_raise_the_target_for_rounded_keys() -> None:
+    assert knnmem.eval.bins_for_search(32, 0.9) == 145
+    assert knnmem.eval.bins_for_search(32, 0.9, "bfloat16") == bins_for_recall(32, 0.92)
+    assert knnmem.eval.bins_for_search(32, 0.9, "int8") == bins_for_recall(32, 0.92)
+    assert knnmem.eval.bins_for_search(32, 1.0, "int8") == 0
+
+
 def test_expected_recall_formula() -> None:
     for L, k in [(145, 32), (300, 32), (10, 3), (1000, 128)]:
         assert expected_recall(L, k) == pytest.approx((L / k) * (1 - (1 - 1 / L) ** k), rel=1e-12)

@@ -344,15 +344,9 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     throw InvalidArgument("k: expected an integer in [1, capacity=" +
                           std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
   }
-  // Rounded keys (bfloat16, int8) move some scores across the k-th: their bins
-  // are chosen for a fifth less missing recall, 1 - 0.8 (1 - target), which
-  // measured on clustered keys (README) brings them back to the target.
-  const bool quantised =
-      memory.key_layout == KeyLayout::kPanels && memory.key_format != KeyFormat::kFloat32;
-  const double target = quantised && options.recall_target < 1.0
-                            ? 1.0 - 0.8 * (1.0 - options.recall_target)
-                            : options.recall_target;
-  const int64_t num_bins = bins_for_recall(options.k, target);
+  const KeyFormat format =
+      memory.key_layout == KeyLayout::kPanels ? memory.key_format : KeyFormat::kFloat32;
+  const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
   KNNMEM_ASSERT(out.scores && out.indices && out.mask);
   if (num_queries == 0 || memory.grid == 0) return;

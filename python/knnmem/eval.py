@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["expected_recall", "bins_for_recall", "exact_search", "recall"]
+__all__ = ["expected_recall", "bins_for_recall", "bins_for_search", "exact_search", "recall"]
 
 
 def expected_recall(num_bins: int, k: int) -> float:
@@ -19,6 +19,13 @@ def bins_for_recall(k: int, recall_target: float) -> int:
     """Smallest L >= k with expected_recall(L, k) >= recall_target; 0 means exact
     (recall_target == 1). A search uses exact top-k whenever L >= rows held."""
     return _core.bins_for_recall(k, recall_target)
+
+
+def bins_for_search(k: int, recall_target: float, dtype: str = "float32") -> int:
+    """The bins a search of a memory with key storage `dtype` uses: bins_for_recall,
+    with the target raised to 1 - 0.8 (1 - target) for bfloat16 and int8 keys, whose
+    rounding moves near-ties across the k-th."""
+    return _core.bins_for_search(k, recall_target, dtype)
 
 
 def scores(keys: np.ndarray, queries: np.ndarray, metric: str = "ip") -> np.ndarray:

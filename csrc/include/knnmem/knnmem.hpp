@@ -128,6 +128,10 @@ enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
 // Parses "float32" | "bfloat16" | "int8"; throws InvalidArgument naming `dtype`.
 KeyFormat parse_key_format(const std::string& name);
 const char* key_format_name(KeyFormat format);
+// The bins a search of keys stored as `format` uses: bins_for_recall, with the
+// target raised to 1 - 0.8 (1 - target) for rounded (bfloat16, int8) keys.
+int64_t bins_for_search(int64_t k, double recall_target, KeyFormat format);
+
 // 32-bit words a slot's key takes: dim, ceil(dim / 2) or ceil(dim / 4).
 inline int64_t key_words(KeyFormat format, int64_t dim) {
   return format == KeyFormat::kInt8       ? (dim + 3) / 4
