@@ -49,20 +49,20 @@ import knnmem.jax as kj
 
 @dataclass(frozen=True)
 class Config:
-    batch: int = 8  # streams
-    seg: int = 128  # bytes per segment
+    batch: int = 16  # streams
+    seg: int = 64  # bytes per segment
     dim: int = 96
     heads: int = 4
     layers: int = 4
-    memory_layer: int = 2  # index of the memorizing layer
-    capacity: int = 2048  # rows per (stream, head) memory: 16 segments
+    memory_layer: int = 3  # index of the memorizing layer
+    capacity: int = 2048  # rows per (stream, head) memory: 32 segments
     k: int = 32
     recall_target: float = 0.9
     lr: float = 3e-3
     warmup: int = 100
     minutes: float = 2.5  # training time of the memory model; the other runs as many steps
     max_steps: int = 100_000
-    eval_segments: int = 64
+    eval_segments: int = 128
     files: int = 0  # 0: all
 
 

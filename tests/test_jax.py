@@ -63,7 +63,7 @@ def test_search_and_add_match_numpy_path(metric: str) -> None:
         nk[0, 1, :3] = nk[0, 1, 3]  # exact duplicates: ties are broken by slot
         nv = rows(rng, *shape, t, dv)
         q = rows(rng, *shape, 33, d)
-        for target in (0.5, 0.9, 1.0):
+        for target in (0.6, 1.0):
             ref = knnmem.ops.search(
                 keys, values, written, q, k=k, recall_target=target, metric=metric
             )
@@ -79,7 +79,7 @@ def test_search_and_add_match_numpy_path(metric: str) -> None:
 
 @pytest.mark.parametrize(
     "rows_added",
-    [0, 5, 40, 400, 65536 + 300, 140000],  # empty, < k, < bins, sparse, two blocks, wrapped
+    [0, 5, 400, 65536 + 300, 140000],  # empty, < k, sparse (< bins), two blocks, wrapped
 )
 def test_placement_blocks_and_sparse_memories(rows_added: int) -> None:
     """Capacity over one placement block: partly written blocks, memories with fewer rows
