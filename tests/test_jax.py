@@ -329,3 +329,16 @@ def test_handler_returns_errors_never_crashes(filled: tuple) -> None:
         ),
         kj.search(state, q, 4),
     )
+
+
+def test_readme_jax_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S) if "kj." in b]
+    assert blocks, "README.md has no knnmem.jax example"
+    namespace: dict = {}
+    exec(compile(blocks[0], str(readme), "exec"), namespace)
+    assert namespace["res"].keys.shape == (2, 4, 128, 32, 32)
+    assert np.asarray(namespace["state"].written).tolist() == [[128] * 4] * 2
