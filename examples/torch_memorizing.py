@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sysconfig
 import time
@@ -194,8 +195,9 @@ def evaluate(model: ByteLM, docs: list[np.ndarray], cfg: Config) -> dict[str, fl
     }
 
 
-def train(cfg: Config, docs=None, log=print) -> dict:
+def train(cfg: Config, docs=None, log=None) -> dict:
     """Trains one model; returns losses, held-out bits per byte and memory stats."""
+    log = log or functools.partial(print, flush=True)
     torch.manual_seed(cfg.seed)
     train_docs, valid_docs = docs if docs is not None else load_documents(cfg)
     model = ByteLM(cfg)
@@ -219,7 +221,9 @@ def train(cfg: Config, docs=None, log=print) -> dict:
             elapsed = time.perf_counter() - start
             log(f"  step {step + 1:4d}  train {recent:.3f} bits/byte  ({elapsed:.0f} s)")
     written = [m.written.clone() for m in model.memories()]
+    gates = [torch.sigmoid(b.attn.gate).tolist() for b in model.blocks if b.attn.memory is not None]
     result = {
+        "gates": gates,
         "losses": losses,
         "resets": resets,
         "written": written,
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:10s} {r['bits_per_byte']:19.3f} {r['bits_per_byte_later_segments']:17.3f}"
             f" {r['seconds']:6.0f}s"
         )
+    for gates in results["memory"]["gates"]:
+        print("memory gate g per head (0.5 at the start): " + " ".join(f"{g:.2f}" for g in gates))
     return results
 
 

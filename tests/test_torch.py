@@ -374,6 +374,11 @@ BAD_CALLS = {
         ValueError,
         r"queries: expected finite values, got nan at index \[0, 0, 0, 0\]",
     ),
+    "search-float64-range": (
+        lambda m: m.search(torch.full((2, 3, 1, 4), 1e39, dtype=torch.float64), k=4),
+        ValueError,
+        r"queries: expected values within the float32 range, got 1e\+39 at index \[0, 0, 0, 0\]",
+    ),
     "search-device": (
         lambda m: m.search(ones(2, 3, 1, 4, device="meta"), k=4),
         ValueError,

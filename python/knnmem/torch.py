@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import _core
 from . import torch_reference as _reference
+from ._arrays import as_float32
 from .memory import (
     METRICS,
     SearchResult,
@@ -190,6 +191,19 @@ def _f32(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
+def _f32_numpy(x: Tensor, name: str) -> np.ndarray:
+    """A C-contiguous float32 numpy array of a CPU tensor: a view if it already is
+    one, else converted by numpy in this thread (a torch conversion would start
+    torch's OpenMP threads, which then spin beside the core's threads)."""
+    x = x.detach()
+    if x.dtype == torch.float32:
+        return np.ascontiguousarray(x.numpy())
+    if x.dtype == torch.bfloat16:  # float32 with the low 16 bits zero: exact
+        bits = np.ascontiguousarray(x.view(torch.int16).numpy()).view(np.uint16)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return as_float32(x.numpy(), name)  # float16, float64 (range-checked)
+
+
 def _np_ring(keys: Tensor, values: Tensor, written: Tensor) -> tuple:
     """[G, C, d] / [G, C, dv] / [G] numpy views of CPU ring tensors (zero-copy)."""
     grid = written.numel()
@@ -203,7 +217,7 @@ def _np_ring(keys: Tensor, values: Tensor, written: Tensor) -> tuple:
 def _search_cpu(keys, values, written, queries, k, recall_target, metric):
     shape = tuple(written.shape)
     k_np, v_np, w_np = _np_ring(keys.contiguous(), values.contiguous(), written.contiguous())
-    q = _f32(queries).numpy()
+    q = _f32_numpy(queries, "queries")
     raw = _core.search(k_np, v_np, w_np, q, k, recall_target, metric)
     return tuple(torch.from_numpy(a).reshape(*shape, *a.shape[1:]) for a in raw)
 
@@ -298,7 +312,9 @@ def add(
     _check_add(keys, values, written, new_keys, new_values)
     if keys.device.type in _CORE_DEVICES:
         k_np, v_np, w_np = _np_ring(keys, values, written)
-        _core.add(k_np, v_np, w_np, _f32(new_keys).numpy(), _f32(new_values).numpy())
+        _core.add(
+            k_np, v_np, w_np, _f32_numpy(new_keys, "new_keys"), _f32_numpy(new_values, "new_values")
+        )
         return
     nk, nv = _f32(new_keys), _f32(new_values)
     _check_finite(nk, "new_keys")
