@@ -115,3 +115,12 @@ def test_docs_faiss_switch_gives_the_faiss_answers() -> None:
     got = run_memory_list(blocks["knnmem"], "knnmem")
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_readme_torch_example_runs() -> None:
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "knnmem.torch" in b]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    counts = namespace["layer"].memory.count
+    assert counts.tolist() == [[128] * 4, [384] * 4]
