@@ -8,7 +8,9 @@ Each test starts its ranks with torch.multiprocessing and waits a bounded time
 from __future__ import annotations
 
 import datetime
-import socket
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -30,18 +32,12 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, check) -> None:
+def _entry(rank: int, world: int, rendezvous: str, check) -> None:
     torch.set_num_threads(1)
     knnmem.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
@@ -53,9 +49,14 @@ def _entry(rank: int, world: int, port: int, check) -> None:
 
 
 def run_ranks(check, world: int) -> None:
-    """Runs check(rank, world) in `world` processes; raises what a rank raised."""
+    """Runs check(rank, world) in `world` processes; raises what a rank raised.
+
+    The ranks meet through a file (a TCP rendezvous on a port picked beforehand
+    could race with other processes on a busy machine)."""
+    folder = tempfile.mkdtemp(prefix="knnmem-dist-")
+    rendezvous = os.path.join(folder, "rendezvous")
     ctx = mp.start_processes(
-        _entry, args=(world, free_port(), check), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(world, rendezvous, check), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -67,6 +68,7 @@ def run_ranks(check, world: int) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def same_on_all_ranks(x: torch.Tensor) -> bool:
