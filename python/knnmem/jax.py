@@ -95,6 +95,30 @@ def _register_ffi() -> str | None:
 _FFI_MISSING = _register_ffi()
 
 
+def _register_ffi_cuda() -> str | None:
+    """Registers the CUDA handler exported by knnmem._cuda; returns why not, or None."""
+    from . import cuda as _kcuda
+
+    if not _kcuda.built():
+        return _kcuda.unavailable_reason()
+    try:
+        lib = ctypes.CDLL(_kcuda._cuda.__file__)
+        handler = lib.KnnmemSearchCuda
+    except (OSError, AttributeError):
+        return "knnmem._cuda was built without the XLA FFI handler (jax was not found)"
+    jax.ffi.register_ffi_target(_FFI_TARGET_CUDA, jax.ffi.pycapsule(handler), platform="CUDA")
+    return None
+
+
+_FFI_TARGET_CUDA = "knnmem_search_cuda"
+_FFI_CUDA_MISSING = _register_ffi_cuda()
+
+
+def ffi_cuda_available() -> bool:
+    """True when the CUDA custom call is registered (knnmem._cuda built with jax's headers)."""
+    return _FFI_CUDA_MISSING is None
+
+
 def ffi_available() -> bool:
     """True when the CPU custom call is registered (knnmem._core built with jax's headers)."""
     return _FFI_MISSING is None
@@ -474,15 +498,50 @@ def _search_ffi(keys, values, written, queries, k, recall_target, metric):
         recall_target=np.float64(recall_target),
         metric=metric,
     )
+    return _vary_like(out, (keys, values, written, queries))
+
+
+def _vary_like(out, operands) -> tuple:
     # Inside shard_map the results vary along every axis an operand varies along (the
     # custom call's abstract evaluation does not say so).
-    axes = frozenset().union(*map(_varying_axes, (keys, values, written, queries)))
+    axes = frozenset().union(*map(_varying_axes, operands))
     return tuple(
         lax.pcast(o, tuple(sorted(axes - _varying_axes(o), key=str)), to="varying")
         if axes - _varying_axes(o)
         else o
         for o in out
     )
+
+
+def _search_ffi_cuda(keys, values, written, queries, k, recall_target, metric):
+    """The CUDA custom call (bindings/xla_ffi_cuda.cpp) on XLA's stream; its workspace
+    is one more result, so XLA allocates it with the others."""
+    from . import cuda as _kcuda
+
+    grid = math.prod(written.shape)
+    capacity, key_dim = keys.shape[-2], keys.shape[-1]
+    ws = _kcuda._cuda.search_workspace_bytes(
+        grid, capacity, key_dim, queries.shape[-2], k, recall_target, jnp.dtype(keys.dtype).name
+    )
+    offset_of = jnp.asarray(_offset_table(capacity))
+    call = jax.ffi.ffi_call(
+        _FFI_TARGET_CUDA,
+        (
+            *_result_types(keys, values, written, queries, k),
+            jax.ShapeDtypeStruct((max(ws, 1),), jnp.uint8),
+        ),
+    )
+    out = call(
+        keys,
+        values,
+        written,
+        queries,
+        offset_of,
+        k=np.int64(k),
+        recall_target=np.float64(recall_target),
+        metric=metric,
+    )
+    return _vary_like(out[:5], (keys, values, written, queries))
 
 
 def _search_ref(keys, values, written, queries, k, recall_target, metric):
@@ -503,10 +562,11 @@ def _raw_search(k: int, recall_target: float, metric: str, impl: str):
             return _search_ref(*args)
         if impl == "ffi":
             return _search_ffi(*args)
+        branches = {"cpu": lambda *a: _search_ffi(*a, k, recall_target, metric)}
+        if ffi_cuda_available():
+            branches["cuda"] = lambda *a: _search_ffi_cuda(*a, k, recall_target, metric)
         return lax.platform_dependent(
-            *args[:4],
-            cpu=lambda *a: _search_ffi(*a, k, recall_target, metric),
-            default=lambda *a: _search_ref(*a, k, recall_target, metric),
+            *args[:4], default=lambda *a: _search_ref(*a, k, recall_target, metric), **branches
         )
 
     @jax.custom_batching.custom_vmap
@@ -617,7 +677,8 @@ def search(
 
     Returns a SearchResult like knnmem.Memory.search (scores, indices, keys, values,
     mask; indices have the dtype of state.written). ``recall_target=1.0`` is exact.
-    impl: "auto" (the custom call on CPU, the reference elsewhere), "ffi" (CPU only) or
+    impl: "auto" (the custom call on CPU, and on CUDA when knnmem._cuda is built with
+    its XLA handler, see docs/cuda.md; the reference elsewhere), "ffi" (CPU only) or
     "reference" (pure JAX). capacity_axis: inside shard_map, the mesh axis over which
     each memory's capacity is spread (k may be at most the per-device capacity).
     Results are constants w.r.t. the memory; scores are differentiable w.r.t. queries."""

@@ -14,8 +14,10 @@ torch.compile, export and checkpoints see everything:
     written [*shape]                      int64: rows added since the last clear
 
 CPU tensors go to the C++ core zero-copy (through ``Tensor.numpy()`` views).
-Tensors on other devices run a pure-torch implementation of the same
-strided-bin algorithm (knnmem.torch_reference) until the CUDA kernels land.
+CUDA tensors run the CUDA kernels of knnmem._cuda on torch's current stream
+(when knnmem was built with them and a GPU is usable, see knnmem.cuda); tensors
+on other devices, or CUDA without that build, run a pure-torch implementation
+of the same strided-bin algorithm (knnmem.torch_reference).
 Each op has a fake (meta) implementation, so torch.compile(fullgraph=True)
 traces them without graph breaks. ``scores`` is differentiable with respect to
 ``queries`` (the memory and the returned keys/values are constants).
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
+from . import cuda as _kcuda
 from . import torch_reference as _reference
 from ._arrays import as_float32
 from .memory import (
@@ -67,6 +70,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Device types whose tensors the C++ core serves (zero-copy); the rest run
 # knnmem.torch_reference. Tests empty it to run the reference path on CPU.
 _CORE_DEVICES = ("cpu",)
+# CUDA tensors run the CUDA kernels of knnmem._cuda when they are built and a device
+# is usable (knnmem.cuda.available()); tests turn this off to run the reference there.
+_CUDA_KERNELS = True
+
+
+def _use_cuda_kernels(t: Tensor) -> bool:
+    return t.device.type == "cuda" and _CUDA_KERNELS and _kcuda.available()
 
 
 # -- argument checks (metadata only: they run on fake tensors too) ------------------------------
@@ -239,8 +249,10 @@ def search(
     _check_search(keys, values, written, queries, k, recall_target, metric)
     if keys.device.type in _CORE_DEVICES:
         return _search_cpu(keys, values, written, queries, k, recall_target, metric)
-    # Other devices (CUDA until its kernels land): the same algorithm in torch ops.
     _check_finite(queries, "queries")
+    if _use_cuda_kernels(keys):
+        return _kcuda.torch_search(keys, values, written, queries, k, recall_target, metric)
+    # Other devices: the same algorithm in torch ops.
     return _reference.search(keys, values, written, queries, k, recall_target, metric)
 
 
@@ -323,6 +335,9 @@ def add(
         raise ValueError("written: expected counts >= 0")
     if bool((written > 2**63 - 1 - nk.shape[-2]).any()):
         raise ValueError("new_keys: adding them overflows the 64-bit position counter")
+    if _use_cuda_kernels(keys):
+        _kcuda.torch_add(keys, values, written, nk, nv)
+        return
     _reference.add(keys, values, written, nk, nv)
 
 
@@ -357,7 +372,8 @@ class KNNMemory(nn.Module):
     Keys and values are stored as float32 whatever the module's dtype: ``.half()``
     or ``.to(torch.bfloat16)`` move the buffers but keep them float32, and
     float16/bfloat16/float64 inputs are converted. CPU buffers are searched by
-    the C++ core zero-copy; buffers on other devices by knnmem.torch_reference.
+    the C++ core zero-copy; CUDA buffers by the CUDA kernels (knnmem.cuda) when
+    built, buffers on other devices by knnmem.torch_reference.
     Nothing flows back into the memory: add() stores detached rows.
     """
 
