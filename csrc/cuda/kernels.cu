@@ -9,8 +9,8 @@
 //      keys, computes the 64 x 64 score tile (WMMA bf16/fp16 -> fp32, or fp32
 //      FMA), and folds the tile into per-(query, bin) best score and slot,
 //      in shared memory when the bins fit, else in the global workspace.
-//   2. select: a block per (memory, query) merges the ranges bin by bin,
-//      takes the exact top-k of the bin winners by k rounds of a block-wide
+//   2. select: a warp per (memory, query) merges the ranges bin by bin,
+//      takes the exact top-k of the bin winners by k rounds of a warp-wide
 //      arg-max, and gathers the keys and values of the winners.
 // Ties: a bin keeps the first (lowest) slot among equal scores because each
 // block scans its slots in ascending order and replaces only on a strictly
@@ -356,6 +356,10 @@ __global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
 }
 
 // --- selection -------------------------------------------------------------------
+// One warp per (memory, query): merge the slot ranges bin by bin, then k rounds
+// of a warp-wide arg-max over the bin winners, each round taking the best
+// candidate after the previous pick in (score desc, slot asc) order (slots are
+// distinct, so that order is total and nothing needs marking), then the gather.
 struct Cand {
   float score;
   int32_t slot;  // -1: none
@@ -368,22 +372,19 @@ __device__ bool before(Cand a, Cand b) {
   return a.score > b.score || (a.score == b.score && a.slot < b.slot);
 }
 
-__device__ Cand block_best(Cand c, Cand* shared) {
+__device__ Cand warp_best(Cand c) {
   for (int o = 16; o > 0; o >>= 1) {
     Cand other;
     other.score = __shfl_xor_sync(0xffffffffu, c.score, o);
     other.slot = __shfl_xor_sync(0xffffffffu, c.slot, o);
     if (before(other, c)) c = other;
   }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // `shared` is free
-  if (lane == 0) shared[warp] = c;
-  __syncthreads();
-  Cand best = shared[0];
-  for (int w = 1; w < kWarps; ++w) {
-    if (before(shared[w], best)) best = shared[w];
-  }
-  return best;
+  return c;
+}
+
+__device__ int64_t warp_sum_int(int64_t v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
 struct SelectParams {
@@ -404,12 +405,13 @@ struct SelectParams {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
-  extern __shared__ __align__(16) float query[];  // [dim]: the prepared query (exact fallback)
-  __shared__ Cand reduce[kWarps];
-  __shared__ float shared_sum[kWarps];
-  const int tid = threadIdx.x;
-  const int64_t g = blockIdx.x / p.q_count;
-  const int64_t qi = blockIdx.x % p.q_count;
+  extern __shared__ __align__(16) float query_smem[];  // [warps][dim]: exact fallback
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (task >= p.grid * p.q_count) return;  // whole warps only; no block-wide syncs below
+  float* query = query_smem + warp * p.dim;
+  const int64_t g = task / p.q_count;
+  const int64_t qi = task % p.q_count;
   const MemState st =
       mem_state(load_written(p.written, p.written_is_int32, g), p.capacity, p.num_bins);
   const int64_t owed = p.k < st.live ? p.k : st.live;
@@ -419,8 +421,8 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
   const int64_t split_stride = p.grid * p.q_count * L;
 
   // Merge the slot ranges bin by bin (ascending ranges: ties keep the lower slot).
-  int filled = 0;
-  for (int64_t b = tid; b < L; b += kThreads) {
+  int64_t filled = 0;
+  for (int64_t b = lane; b < L; b += 32) {
     float v = best[b];
     int32_t s = slot[b];
     for (int64_t r = 1; r < p.splits; ++r) {
@@ -434,35 +436,27 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
     slot[b] = s;
     filled += s >= 0;
   }
-  float f = warp_sum(static_cast<float>(filled));
-  if (tid % 32 == 0) shared_sum[tid / 32] = f;
-  __syncthreads();
-  int64_t nonempty = 0;
-  for (int w = 0; w < kWarps; ++w) nonempty += static_cast<int64_t>(shared_sum[w]);
+  const int64_t nonempty = warp_sum_int(filled);
+  __syncwarp();  // merged bins visible to the whole warp
   // Bins over physical slots of a memory that is not full can be empty; then,
   // as on the CPU, only an exact search returns every row the caller is owed.
   const bool fallback = !st.exact && nonempty < owed;
 
-  const int64_t row = (g * p.num_queries + p.q_begin + qi);
+  const int64_t row = g * p.num_queries + p.q_begin + qi;
   const T* keys = static_cast<const T*>(p.keys) + g * p.capacity * p.dim;
   float query_sq = 0.0f;
-  if (fallback) {
+  if (fallback) {  // the query prepared as in the score kernel
     const float* src = p.queries + row * p.dim;
     float sq = 0.0f;
-    for (int64_t c = tid; c < p.dim; c += kThreads) sq += src[c] * src[c];
-    sq = warp_sum(sq);
-    __syncthreads();
-    if (tid % 32 == 0) shared_sum[tid / 32] = sq;
-    __syncthreads();
-    query_sq = 0.0f;
-    for (int w = 0; w < kWarps; ++w) query_sq += shared_sum[w];
+    for (int64_t c = lane; c < p.dim; c += 32) sq += src[c] * src[c];
+    query_sq = warp_sum(sq);
     const float scale = p.metric == static_cast<int>(Metric::kCosine) && query_sq > 0.0f
                             ? 1.0f / sqrtf(query_sq)
                             : 1.0f;
-    for (int64_t c = tid; c < p.dim; c += kThreads) {
+    for (int64_t c = lane; c < p.dim; c += 32) {
       query[c] = Elem<T>::to_float(Elem<T>::from_float(src[c] * scale));
     }
-    __syncthreads();
+    __syncwarp();
   }
 
   Cand prev{INFINITY, -1};  // the last pick; the next is the best candidate after it
@@ -473,12 +467,12 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
   for (; found < p.k; ++found) {
     Cand mine{kNegInf, -1};
     if (!fallback) {
-      for (int64_t b = tid; b < L; b += kThreads) {
+      for (int64_t b = lane; b < L; b += 32) {
         const Cand c{best[b], slot[b]};
         if (c.slot >= 0 && after_prev(c) && before(c, mine)) mine = c;
       }
-    } else {
-      for (int64_t s = tid; s < st.end; s += kThreads) {
+    } else {  // slow but rare: a sparse memory; scores recomputed each round
+      for (int64_t s = lane; s < st.end; s += 32) {
         if (s >= st.masked_begin && p.offset_of[s] >= st.written) continue;
         float dot = 0.0f, sq = 0.0f;
         for (int64_t c = 0; c < p.dim; ++c) {
@@ -491,10 +485,10 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
         if (after_prev(c) && before(c, mine)) mine = c;
       }
     }
-    const Cand pick = block_best(mine, reduce);
+    const Cand pick = warp_best(mine);
     if (pick.slot < 0) break;
     const int64_t o = row * p.k + found;
-    if (tid == 0) {
+    if (lane == 0) {
       const int64_t r = p.offset_of[pick.slot];
       const int64_t pos = r + p.capacity * ((st.written - 1 - r) / p.capacity);
       p.out.scores[o] = pick.score;
@@ -506,21 +500,19 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
       }
     }
     if (p.out.keys) {
-      for (int64_t c = tid; c < p.dim; c += kThreads) {
+      for (int64_t c = lane; c < p.dim; c += 32) {
         p.out.keys[o * p.dim + c] = Elem<T>::to_float(keys[pick.slot * p.dim + c]);
       }
     }
     if (p.out.values) {
       const float* v = p.values + (g * p.capacity + pick.slot) * p.value_dim;
-      for (int64_t c = tid; c < p.value_dim; c += kThreads) {
-        p.out.values[o * p.value_dim + c] = v[c];
-      }
+      for (int64_t c = lane; c < p.value_dim; c += 32) p.out.values[o * p.value_dim + c] = v[c];
     }
     prev = pick;
   }
   for (int64_t j = found; j < p.k; ++j) {
     const int64_t o = row * p.k + j;
-    if (tid == 0) {
+    if (lane == 0) {
       p.out.scores[o] = kNegInf;
       p.out.mask[o] = false;
       if (p.written_is_int32) {
@@ -530,11 +522,10 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
       }
     }
     if (p.out.keys) {
-      for (int64_t c = tid; c < p.dim; c += kThreads) p.out.keys[o * p.dim + c] = 0.0f;
+      for (int64_t c = lane; c < p.dim; c += 32) p.out.keys[o * p.dim + c] = 0.0f;
     }
     if (p.out.values) {
-      for (int64_t c = tid; c < p.value_dim; c += kThreads)
-        p.out.values[o * p.value_dim + c] = 0.0f;
+      for (int64_t c = lane; c < p.value_dim; c += 32) p.out.values[o * p.value_dim + c] = 0.0f;
     }
   }
 }
@@ -668,14 +659,14 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
     sel.part_best = part_best;
     sel.part_slot = part_slot;
     sel.out = out;
-    const size_t select_smem = sizeof(float) * static_cast<size_t>(ring.key_dim);
+    const size_t select_smem = sizeof(float) * kWarps * static_cast<size_t>(ring.key_dim);
     if (select_smem > (48u << 10)) {
       check(cudaFuncSetAttribute(select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(select_smem)),
             "select kernel attributes");
     }
-    select_kernel<T>
-        <<<static_cast<unsigned>(ring.grid * q_count), kThreads, select_smem, stream>>>(sel);
+    const int64_t select_blocks = (ring.grid * q_count + kWarps - 1) / kWarps;
+    select_kernel<T><<<static_cast<unsigned>(select_blocks), kThreads, select_smem, stream>>>(sel);
     check_launch("search (select kernel)");
   }
 }
