@@ -262,8 +262,14 @@ def test_non_cpu_platforms_lower_to_the_reference() -> None:
     assert "knnmem_search" in f.lower(state, q).as_text()
     from jax import export
 
-    exported = export.export(f, platforms=["cuda"])(state, q)
-    assert "knnmem_search" not in exported.mlir_module()
+    if not kj.ffi_cuda_available():
+        exported = export.export(f, platforms=["cuda"])(state, q)
+        assert "knnmem_search" not in exported.mlir_module()
+        return
+    # With knnmem._cuda built, CUDA lowers to its own custom call (docs/cuda.md).
+    unchecked = [export.DisabledSafetyCheck.custom_call("knnmem_search_cuda")]
+    text = export.export(f, platforms=["cuda"], disabled_checks=unchecked)(state, q).mlir_module()
+    assert "@knnmem_search_cuda(" in text and "@knnmem_search(" not in text
 
 
 # -- bad input -------------------------------------------------------------------------------
