@@ -367,11 +367,12 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t queries, int64_t num_queries, int64_t k, double recall_target,
          const std::string& metric, uintptr_t scores, uintptr_t indices, uintptr_t mask,
          uintptr_t out_keys, uintptr_t out_values, uintptr_t workspace, int64_t workspace_bytes,
-         uintptr_t stream, int device) {
+         uintptr_t stream, int device, bool written_int32) {
         kc::RingView r;
         r.keys = ptr<const void>(keys);
         r.values = ptr<const float>(values);
         r.written = ptr<const void>(written);
+        r.written_is_int32 = written_int32;
         r.offset_of = ptr<const int32_t>(offset_of);
         r.grid = grid;
         r.capacity = capacity;
@@ -398,7 +399,10 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("value_dim"), py::arg("queries"), py::arg("num_queries"), py::arg("k"),
       py::arg("recall_target"), py::arg("metric"), py::arg("scores"), py::arg("indices"),
       py::arg("mask"), py::arg("out_keys"), py::arg("out_values"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("stream"), py::arg("device"));
+      py::arg("workspace_bytes"), py::arg("stream"), py::arg("device"),
+      py::arg("written_int32") = false,
+      "Search on caller-owned device buffers. written_int32: written is int32 and the "
+      "indices are written as int32 (as XLA without x64 keeps them).");
   m.def(
       "add",
       [](uintptr_t keys, const std::string& dtype, uintptr_t values, uintptr_t written,

@@ -308,10 +308,12 @@ __global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
   const int width = st.exact || L >= 32 ? 32 : static_cast<int>(L);
   for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileS) {
     const int ns = static_cast<int>(s_end - s0 < kTileS ? s_end - s0 : kTileS);
-    __syncthreads();  // the previous tile is consumed
-    for (int64_t i = tid; i < kTileS * ks; i += kThreads) {
-      const int64_t r = i / ks, c = i % ks;
-      k_tile[i] = r < ns && c < p.dim ? keys[(s0 + r) * p.dim + c] : Elem<T>::from_float(0.0f);
+    __syncthreads();                               // the previous tile is consumed
+    for (int r = warp; r < kTileS; r += kWarps) {  // a warp per key row: coalesced
+      const T* src = keys + (s0 + r) * p.dim;
+      for (int64_t c = lane; c < ks; c += 32) {
+        k_tile[r * ks + c] = r < ns && c < p.dim ? src[c] : Elem<T>::from_float(0.0f);
+      }
     }
     if (tid < kTileS) k_off[tid] = tid < ns ? p.offset_of[s0 + tid] : INT_MAX;
     __syncthreads();
@@ -328,6 +330,7 @@ __global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
     }
     score_tile<T>(q_tile, k_tile, s_tile, p.dim);
     __syncthreads();
+    const int64_t bin0 = s0 % L;  // bin of the tile's first slot; no division per score
     for (int r = warp; r < nq; r += kWarps) {
       for (int j0 = 0; j0 < ns; j0 += width) {
         const int j = j0 + lane;
@@ -335,7 +338,9 @@ __global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
           const int64_t s = s0 + j;
           if (s < st.masked_begin || k_off[j] < st.written) {
             const float v = apply_metric(s_tile[r * kScoreStride + j], p.metric, q_sq[r], k_aux[j]);
-            const int64_t bin = st.exact ? k_off[j] : s % L;
+            int64_t bin = bin0 + j;  // (s0 + j) mod L, j < 64
+            while (bin >= L) bin -= L;
+            if (st.exact) bin = k_off[j];
             if (v > bin_best[r * L + bin]) {
               bin_best[r * L + bin] = v;
               bin_slot[r * L + bin] = static_cast<int32_t>(s);
@@ -767,19 +772,19 @@ void add(void* keys, KeyDType dtype, float* values, int64_t* written, const int3
   const unsigned threads = 128;
   switch (dtype) {
     case KeyDType::kBFloat16:
-      add_kernel<<<blocks, threads, 0, s>>>(static_cast<__nv_bfloat16*>(keys), values, written,
-                                            slot_of, grid, capacity, key_dim, value_dim, new_keys,
-                                            new_values, num_rows, first);
+      add_kernel<__nv_bfloat16><<<blocks, threads, 0, s>>>(
+          static_cast<__nv_bfloat16*>(keys), values, written, slot_of, grid, capacity, key_dim,
+          value_dim, new_keys, new_values, num_rows, first);
       break;
     case KeyDType::kFloat16:
-      add_kernel<<<blocks, threads, 0, s>>>(static_cast<__half*>(keys), values, written, slot_of,
-                                            grid, capacity, key_dim, value_dim, new_keys,
-                                            new_values, num_rows, first);
+      add_kernel<__half><<<blocks, threads, 0, s>>>(static_cast<__half*>(keys), values, written,
+                                                    slot_of, grid, capacity, key_dim, value_dim,
+                                                    new_keys, new_values, num_rows, first);
       break;
     default:
-      add_kernel<<<blocks, threads, 0, s>>>(static_cast<float*>(keys), values, written, slot_of,
-                                            grid, capacity, key_dim, value_dim, new_keys,
-                                            new_values, num_rows, first);
+      add_kernel<float><<<blocks, threads, 0, s>>>(static_cast<float*>(keys), values, written,
+                                                   slot_of, grid, capacity, key_dim, value_dim,
+                                                   new_keys, new_values, num_rows, first);
   }
   check_launch("add");
   // Stream order: the counters move only after every row has read them.
