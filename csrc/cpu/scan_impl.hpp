@@ -168,11 +168,16 @@ struct Scan {
           for (int c = 0; c < C; ++c) sums[r][c] = V::dot_u8s8(sums[r][c], qv, kv[c]);
         }
       }
-      // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales.
+      // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales. These two
+      // loops must unroll completely: left as loops, GCC keeps `sums` in
+      // memory and stores every accumulator on each step of the loop above
+      // (measured: 1.7x slower int8 scans on AVX512_VNNI).
+#pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
         const int64_t at = s + c * W - a.begin;
         const auto offset = V::shl6(V::load_slots(a.key_sum + at));
         const F key_scale = V::load(a.key_scale + at);
+#pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const F scale = V::mul(key_scale, V::set1(a.query_scale[q0 + r]));
           acc[r][c] = V::mul(V::to_float(V::isub(sums[r][c], offset)), scale);
