@@ -27,6 +27,9 @@ constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-l
 constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
 constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of exact-mode buffers per task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row-layout keys are packed into panels by every task that scans them, so a
+// task takes many more queries there: the packing is paid once per slot range.
+constexpr int64_t kMaxRowQueryChunk = 528;
 
 struct Candidate {
   float score;
@@ -281,12 +284,14 @@ void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& c
 }
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
-// and writes the results of queries [q0, q1). Returns false, writing nothing,
+// and writes the results of queries [q0, q1), which the partial states hold
+// from their query `first` on. Returns false, writing nothing,
 // if some query found fewer than min(k, live) candidates: in a memory that is
 // not full, bins over physical slots can be empty, and then only an exact
 // search returns every row the caller is owed.
 bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts,
-            bool exact) {
+            bool exact, int64_t first) {
+  const int64_t shift = q0 - first;
   const int64_t live = std::min(p.m->written[g], p.m->capacity);
   const int64_t L = bins_for(p, live, exact);
   const int64_t owed = std::min(p.opt->k, live);
@@ -298,8 +303,9 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
       for (int64_t b = 0; b < L; ++b) {
         Candidate best{kNegInf, -1};
         for (int64_t s = 0; s < nparts; ++s) {
-          const float v = parts[s].best[q * L + b];
-          if (v > best.score) best = {v, parts[s].slot[q * L + b]};
+          const int64_t at = (q + shift) * L + b;
+          const float v = parts[s].best[at];
+          if (v > best.score) best = {v, parts[s].slot[at]};
         }
         if (best.slot >= 0) c.push_back(best);
       }
@@ -307,8 +313,9 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
     } else {
       for (int64_t s = 0; s < nparts; ++s) {
         const cpu::TopKBuffers& t = parts[s].topk;
-        for (int64_t i = 0; i < t.sizes[q]; ++i) {
-          c.push_back({t.scores[q * t.capacity + i], t.slots[q * t.capacity + i]});
+        const int64_t row = q + shift;
+        for (int64_t i = 0; i < t.sizes[row]; ++i) {
+          c.push_back({t.scores[row * t.capacity + i], t.slots[row * t.capacity + i]});
         }
       }
     }
@@ -324,7 +331,7 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
 void search_exact(const Plan& p, int64_t g, int64_t q0, int64_t q1) {
   Partial part;
   scan_part(p, g, q0, q1, 0, scan_range(p.m->capacity, p.m->written[g]).end, true, part);
-  const bool complete = finish(p, g, q0, q1, &part, 1, true);
+  const bool complete = finish(p, g, q0, q1, &part, 1, true, q0);
   KNNMEM_ASSERT(complete);
 }
 
@@ -355,7 +362,9 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
   // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
   const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
-  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, kMaxQueryChunk);
+  const int64_t max_chunk =
+      memory.key_layout == KeyLayout::kRows ? kMaxRowQueryChunk : kMaxQueryChunk;
+  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, max_chunk);
   p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
   // Too few (memory, query chunk) tasks to balance over the threads: cut each
   // memory's slots into ranges too (results do not depend on the cut).
@@ -376,7 +385,7 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
       const auto [q0, q1] = queries_of(static_cast<int64_t>(i) % p.chunks);
       Partial part;
       scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, false, part);
-      if (!finish(p, g, q0, q1, &part, 1, false)) search_exact(p, g, q0, q1);
+      if (!finish(p, g, q0, q1, &part, 1, false, q0)) search_exact(p, g, q0, q1);
     });
     return;
   }
@@ -389,11 +398,18 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
     scan_part(p, g, q0, q1, s0, s1, false, parts[i]);
   });
-  detail::parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t t) {
-    const int64_t g = static_cast<int64_t>(t) / p.chunks;
-    const auto [q0, q1] = queries_of(static_cast<int64_t>(t) % p.chunks);
-    if (!finish(p, g, q0, q1, parts.data() + t * p.splits, p.splits, false)) {
-      search_exact(p, g, q0, q1);
+  // Merged and finished in pieces of at most kMaxQueryChunk queries, so a big
+  // query chunk (row layout) still finishes on every thread.
+  const int64_t pieces = (p.q_chunk + kMaxQueryChunk - 1) / kMaxQueryChunk;
+  detail::parallel_for(static_cast<std::size_t>(tasks * pieces), [&](std::size_t i) {
+    const int64_t t = static_cast<int64_t>(i) / pieces;
+    const int64_t g = t / p.chunks;
+    const auto [q0, q1] = queries_of(t % p.chunks);
+    const int64_t a = q0 + (static_cast<int64_t>(i) % pieces) * kMaxQueryChunk;
+    const int64_t b = std::min(q1, a + kMaxQueryChunk);
+    if (a >= b) return;
+    if (!finish(p, g, a, b, parts.data() + t * p.splits, p.splits, false, q0)) {
+      search_exact(p, g, a, b);
     }
   });
 }
