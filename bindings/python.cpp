@@ -338,23 +338,29 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "search",
       [](const py::array& keys, const py::array& values, const py::array& written,
-         const py::array& queries, int64_t k, double recall_target, const std::string& metric) {
+         const py::array& queries, int64_t k, double recall_target, const std::string& metric,
+         const std::string& precision) {
         RingArrays ring = ring_view(keys, values, written, false);
         const knnmem::MemoryView view = ring.view.as_const();
         const knnmem::Metric parsed = knnmem::parse_metric(metric);
+        if (precision != "float32" && precision != "bfloat16" && precision != "int8") {
+          throw knnmem::InvalidArgument(
+              "precision: expected one of 'float32', 'bfloat16', 'int8', got '" + precision + "'");
+        }
+        knnmem::SearchOptions options{k, recall_target, parsed};
+        options.score_format = knnmem::parse_key_format(precision);
         checked_k(k, view.capacity);
         checked_recall_target(recall_target);
         const float* q =
             checked_input(queries, "queries", view.grid, -1, view.key_dim,
                           dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
         const int64_t nq = rows_of(queries);
-        return run_search(view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
-                          [&](const knnmem::SearchOutput& out) {
-                            knnmem::search(view, q, nq, {k, recall_target, parsed}, out);
-                          });
+        return run_search(
+            view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
+            [&](const knnmem::SearchOutput& out) { knnmem::search(view, q, nq, options, out); });
       },
       py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("queries"), py::arg("k"),
-      py::arg("recall_target"), py::arg("metric"),
+      py::arg("recall_target"), py::arg("metric"), py::arg("precision") = "float32",
       "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
 
   m.def(

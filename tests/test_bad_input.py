@@ -696,6 +696,14 @@ def test_ops_search_rejects_metric(ring, metric):
         ops.search(*ring, PROBE, k=3, metric=metric)
 
 
+@pytest.mark.parametrize("precision", ["float16", "fp32", "", None])
+def test_ops_search_rejects_precision(ring, precision):
+    with raises_unchanged(
+        ring, ValueError, r"^precision: expected one of \('float32', 'bfloat16', 'int8'\), got"
+    ):
+        ops.search(*ring, PROBE, k=3, precision=precision)
+
+
 @pytest.mark.parametrize(("transform", "exc", "match"), QUERY_CASES)
 def test_ops_search_rejects_queries(ring, transform, exc, match):
     with raises_unchanged(ring, exc, match):

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
-#include "core/quantize.hpp"
+#include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -22,7 +22,12 @@
 namespace knnmem {
 namespace {
 
-constexpr int64_t kMaxQueryChunk = 48;       // queries per task (a multiple of the tile heights)
+// Queries per task, a multiple of the tile heights. Every task streams its
+// memory's keys once, so bigger chunks read them fewer times; 192 queries of
+// bins (223 KB at k=32, r=0.9) still sit in L2 next to a block of keys.
+constexpr int64_t kMaxQueryChunk = 192;
+// Queries merged and finished per task of the last step.
+constexpr int64_t kFinishPiece = 48;
 constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-layout keys
 constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
 constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of exact-mode buffers per task
@@ -95,6 +100,12 @@ struct Plan {
 };
 
 // Bins for a memory holding `live` rows; 0 = exact top-k.
+// The format keys are scored in: a panel memory's own, or the one asked for
+// row-layout keys.
+KeyFormat scored_format(const MemoryView& m, const SearchOptions& options) {
+  return m.key_layout == KeyLayout::kPanels ? m.key_format : options.score_format;
+}
+
 int64_t bins_for(const Plan& p, int64_t live, bool exact) {
   return exact || p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
 }
@@ -113,7 +124,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
 
   // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
   // zero-padded to whole bfloat16 pairs, and rounded to pairs for bfloat16 keys.
-  const KeyFormat format = m.key_layout == KeyLayout::kPanels ? m.key_format : KeyFormat::kFloat32;
+  const KeyFormat format = scored_format(m, *p.opt);
   const int64_t pairs = (dim + 1) / 2;
   const int64_t q_stride = format == KeyFormat::kBFloat16 ? 2 * pairs : dim;
   std::vector<float> qbuf(static_cast<std::size_t>(nq * q_stride), 0.0f);
@@ -197,21 +208,27 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
     scan(args);
     return;
   }
-  // Row layout: pack a block at a time into panels (and its norm terms).
-  std::vector<float> panels(static_cast<std::size_t>(kPackSlots * dim));
+  // Row layout: pack a block at a time into panels of the scored format (and
+  // its norm terms, scales and sums), as Memory::add would have stored it.
+  const int64_t words = key_words(format, dim);
+  std::vector<uint32_t> panels(static_cast<std::size_t>(kPackSlots * words), 0u);
   std::vector<float> aux(static_cast<std::size_t>(kPackSlots), 0.0f);
+  std::vector<float> scale(static_cast<std::size_t>(kPackSlots), 0.0f);
+  std::vector<int32_t> sum(static_cast<std::size_t>(kPackSlots), 0);
   const float* rows = static_cast<const float*>(m.keys) + g * m.capacity * m.key_stride;
+  const bool norm = metric != Metric::kInnerProduct;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
-    cpu::pack_panels(rows + b0 * m.key_stride, b1 - b0, m.key_stride, dim, panels.data());
-    if (metric != Metric::kInnerProduct) {
-      for (int64_t j = 0; j < b1 - b0; ++j) {
-        const float sq = cpu::squared_norm(rows + (b0 + j) * m.key_stride, dim);
-        aux[j] = metric == Metric::kL2 ? sq : (sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f);
-      }
+    for (int64_t j = 0; j < b1 - b0; ++j) {
+      const float sq = detail::store_key(format, rows + (b0 + j) * m.key_stride, dim,
+                                         panels.data() + (j - j % kPanelSlots) * words,
+                                         j % kPanelSlots, scale.data() + j, sum.data() + j, norm);
+      aux[j] = detail::aux_of(metric, sq);
     }
     args.panels = panels.data();
     args.key_aux = aux.data();
+    args.key_scale = scale.data();
+    args.key_sum = sum.data();
     args.begin = b0;
     args.end = b1;
     scan(args);
@@ -351,8 +368,7 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     throw InvalidArgument("k: expected an integer in [1, capacity=" +
                           std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
   }
-  const KeyFormat format =
-      memory.key_layout == KeyLayout::kPanels ? memory.key_format : KeyFormat::kFloat32;
+  const KeyFormat format = scored_format(memory, options);
   const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
   KNNMEM_ASSERT(out.scores && out.indices && out.mask);
@@ -398,15 +414,15 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
     scan_part(p, g, q0, q1, s0, s1, false, parts[i]);
   });
-  // Merged and finished in pieces of at most kMaxQueryChunk queries, so a big
-  // query chunk (row layout) still finishes on every thread.
-  const int64_t pieces = (p.q_chunk + kMaxQueryChunk - 1) / kMaxQueryChunk;
+  // Merged and finished in pieces of at most kFinishPiece queries, so a big
+  // query chunk still finishes on every thread.
+  const int64_t pieces = (p.q_chunk + kFinishPiece - 1) / kFinishPiece;
   detail::parallel_for(static_cast<std::size_t>(tasks * pieces), [&](std::size_t i) {
     const int64_t t = static_cast<int64_t>(i) / pieces;
     const int64_t g = t / p.chunks;
     const auto [q0, q1] = queries_of(t % p.chunks);
-    const int64_t a = q0 + (static_cast<int64_t>(i) % pieces) * kMaxQueryChunk;
-    const int64_t b = std::min(q1, a + kMaxQueryChunk);
+    const int64_t a = q0 + (static_cast<int64_t>(i) % pieces) * kFinishPiece;
+    const int64_t b = std::min(q1, a + kFinishPiece);
     if (a >= b) return;
     if (!finish(p, g, a, b, parts.data() + t * p.splits, p.splits, false, q0)) {
       search_exact(p, g, a, b);

@@ -117,16 +117,6 @@ float squared_norm(const float* x, int64_t dim) {
   return s;
 }
 
-void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels) {
-  const int64_t num_panels = (n + kPanel - 1) / kPanel;
-  std::memset(panels, 0, sizeof(float) * num_panels * dim * kPanel);
-  for (int64_t j = 0; j < n; ++j) {
-    float* dst = panels + (j / kPanel) * dim * kPanel + j % kPanel;
-    const float* src = rows + j * stride;
-    for (int64_t i = 0; i < dim; ++i) dst[i * kPanel] = src[i];
-  }
-}
-
 }  // namespace knnmem::cpu
 
 namespace knnmem {

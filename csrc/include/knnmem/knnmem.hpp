@@ -192,6 +192,11 @@ struct SearchOptions {
   int64_t k = 32;
   double recall_target = 0.9;
   Metric metric = Metric::kInnerProduct;
+  // Row-layout keys (float32) are scored in this format: each search packs
+  // them into bfloat16 or int8 panels as Memory::add would store them, so
+  // results equal those of a memory with that key format (returned keys stay
+  // the float32 rows). Panel-layout memories score in their own format.
+  KeyFormat score_format = KeyFormat::kFloat32;
 };
 
 // Outputs of a search over Q queries per memory; every pointer is required
