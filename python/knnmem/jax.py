@@ -50,7 +50,14 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _core
-from .memory import METRICS, SearchResult, check_search_args, check_sizes, normalize_shape
+from .memory import (
+    KEY_DTYPES,
+    METRICS,
+    SearchResult,
+    check_search_args,
+    check_sizes,
+    normalize_shape,
+)
 
 __all__ = [
     "MemoryState",
@@ -70,7 +77,7 @@ __all__ = [
 
 PLACEMENT_BLOCK = int(_core.PLACEMENT_BLOCK)
 _FFI_TARGET = "knnmem_search"
-_FFI_ABI_VERSION = 1
+_FFI_ABI_VERSION = 2
 IMPLS = ("auto", "ffi", "reference")
 
 
@@ -351,12 +358,11 @@ def reset(state: MemoryState, mask: Any = None) -> MemoryState:
 # -- search: reference implementation ------------------------------------------------------
 
 
-def _scores(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
-    """[G, Q, C] scores as the core defines them."""
+def _scores(queries: jax.Array, keys: jax.Array, q_sq: jax.Array, metric: str) -> jax.Array:
+    """[G, Q, C] scores as the core defines them (q_sq: |q|^2 before any rounding)."""
     dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
     if metric == "ip":
         return dot("gqd,gcd->gqc", queries, keys)
-    q_sq = jnp.sum(queries * queries, -1)
     k_sq = jnp.sum(keys * keys, -1)
     if metric == "cosine":
         q = queries * jnp.where(q_sq > 0, lax.rsqrt(jnp.where(q_sq > 0, q_sq, 1)), 0)[..., None]
@@ -366,17 +372,41 @@ def _scores(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
     return -jnp.maximum(d2, 0)
 
 
-def _search_reference_flat(keys, values, written, queries, k, recall_target, metric):
+def _round_int8(x, levels):
+    """Rows rounded to `levels` steps of max|row| / levels (halves away from zero)."""
+    amax = jnp.max(jnp.abs(x), -1, keepdims=True)
+    r = x * jnp.where(amax > 0, levels / jnp.where(amax > 0, amax, 1), 0)
+    steps = jnp.clip(jnp.trunc(r + jnp.copysign(jnp.float32(0.5), r)), -levels, levels)
+    return steps * (amax / levels)
+
+
+def _rounded(keys, queries, metric, precision):
+    """(queries, keys, q_sq) as _scores takes them to score in `precision`: bfloat16
+    keys rounded to nearest even; int8 keys with a per-row scale max|k| / 127 and
+    7-bit queries, normalised first for cosine (then q_sq = 1). q_sq is |q|^2 of
+    the queries as given. Scores then match the core's to rounding."""
+    q_sq = jnp.sum(queries * queries, -1)
+    if precision == "bfloat16":
+        return queries, keys.astype(jnp.bfloat16).astype(jnp.float32), q_sq
+    if precision == "int8":
+        if metric == "cosine":
+            inv = jnp.where(q_sq > 0, lax.rsqrt(jnp.where(q_sq > 0, q_sq, 1)), 0)
+            queries, q_sq = queries * inv[..., None], jnp.ones_like(q_sq)
+        return _round_int8(queries, 63), _round_int8(keys, 127), q_sq
+    return queries, keys, q_sq
+
+
+def _search_reference_flat(keys, values, written, queries, k, recall_target, metric, precision):
     """The strided-bin search on [G, C, d] / [G, C, dv] / [G] / [G, Q, d] in pure JAX."""
     g, cap, _ = keys.shape
     nq = queries.shape[1]
-    num_bins = int(_core.bins_for_recall(k, recall_target))
+    num_bins = int(_core.bins_for_search(k, recall_target, precision))
     w = written.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     offset_of = jnp.asarray(_offset_table(cap))
     live = (w[:, None] >= cap) | (offset_of[None, :] < w[:, None])  # [G, C]
     held = jnp.minimum(w, cap)
     neg_inf = jnp.float32(-jnp.inf)
-    s = _scores(queries, keys, metric)
+    s = _scores(*_rounded(keys, queries, metric, precision), metric)
     s = jnp.where(live[:, None, :] & ~jnp.isnan(s), s, neg_inf)
 
     def exact(s):
@@ -423,7 +453,7 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
     return scores, indices, rk, rv, mask
 
 
-def _flat_call(fn, keys, values, written, queries, k, recall_target, metric):
+def _flat_call(fn, keys, values, written, queries, k, recall_target, metric, precision):
     shape = tuple(written.shape)
     g = math.prod(shape)
     cap, d = keys.shape[-2:]
@@ -435,6 +465,7 @@ def _flat_call(fn, keys, values, written, queries, k, recall_target, metric):
         k,
         recall_target,
         metric,
+        precision,
     )
     return tuple(o.reshape(shape + o.shape[1:]) for o in out)
 
@@ -459,7 +490,7 @@ def _varying_axes(x: Any) -> frozenset:
     return frozenset(getattr(t, "vma", ()))
 
 
-def _search_ffi(keys, values, written, queries, k, recall_target, metric):
+def _search_ffi(keys, values, written, queries, k, recall_target, metric, precision):
     call = jax.ffi.ffi_call(
         _FFI_TARGET,
         _result_types(keys, values, written, queries, k),
@@ -473,6 +504,7 @@ def _search_ffi(keys, values, written, queries, k, recall_target, metric):
         k=np.int64(k),
         recall_target=np.float64(recall_target),
         metric=metric,
+        precision=precision,
     )
     # Inside shard_map the results vary along every axis an operand varies along (the
     # custom call's abstract evaluation does not say so).
@@ -485,28 +517,28 @@ def _search_ffi(keys, values, written, queries, k, recall_target, metric):
     )
 
 
-def _search_ref(keys, values, written, queries, k, recall_target, metric):
+def _search_ref(keys, values, written, queries, k, recall_target, metric, precision):
     return _flat_call(
-        _search_reference_flat, keys, values, written, queries, k, recall_target, metric
+        _search_reference_flat, keys, values, written, queries, k, recall_target, metric, precision
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _raw_search(k: int, recall_target: float, metric: str, impl: str):
+def _raw_search(k: int, recall_target: float, metric: str, precision: str, impl: str):
     """search(keys, values, written, queries) -> 5 arrays, for fixed static arguments,
     with a batching rule: extra leading dims of the memory join the grid; queries
     batched over an unbatched memory join the query axis (the memory is not copied)."""
 
     def run(keys, values, written, queries):
-        args = (keys, values, written, queries, k, recall_target, metric)
+        args = (keys, values, written, queries, k, recall_target, metric, precision)
         if impl == "reference" or (impl == "auto" and not ffi_available()):
             return _search_ref(*args)
         if impl == "ffi":
             return _search_ffi(*args)
         return lax.platform_dependent(
             *args[:4],
-            cpu=lambda *a: _search_ffi(*a, k, recall_target, metric),
-            default=lambda *a: _search_ref(*a, k, recall_target, metric),
+            cpu=lambda *a: _search_ffi(*a, *args[4:]),
+            default=lambda *a: _search_ref(*a, *args[4:]),
         )
 
     @jax.custom_batching.custom_vmap
@@ -573,10 +605,10 @@ def _gather_last(x, axis, shard, shards):
     return lax.psum(placed, axis).reshape(*x.shape[:-1], shards * x.shape[-1])
 
 
-def _local_search(state, queries, k, recall_target, metric, impl, capacity_axis):
+def _local_search(state, queries, k, recall_target, metric, precision, impl, capacity_axis):
     shard, shards = _shard_position(capacity_axis)
     written = _local_written(state.written, shard, shards)
-    raw = _raw_search(k, recall_target, metric, impl)
+    raw = _raw_search(k, recall_target, metric, precision, impl)
     scores, indices, rk, rv, mask = raw(
         lax.stop_gradient(state.keys),
         lax.stop_gradient(state.values),
@@ -610,6 +642,7 @@ def search(
     k: int = 32,
     recall_target: float = 0.9,
     *,
+    precision: str = "float32",
     impl: str = "auto",
     capacity_axis: Any = None,
 ) -> SearchResult:
@@ -620,22 +653,29 @@ def search(
     impl: "auto" (the custom call on CPU, the reference elsewhere), "ffi" (CPU only) or
     "reference" (pure JAX). capacity_axis: inside shard_map, the mesh axis over which
     each memory's capacity is spread (k may be at most the per-device capacity).
+    precision: "float32", or "bfloat16" / "int8" to score the keys rounded to that
+    format as knnmem.ops.search does (2-3x faster for blocks of queries; the returned
+    keys stay the stored rows; the reference matches the custom call to rounding).
     Results are constants w.r.t. the memory; scores are differentiable w.r.t. queries."""
     state = _check_state(state)
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if precision not in KEY_DTYPES:
+        raise ValueError(f"precision: expected one of {KEY_DTYPES}, got {precision!r}")
     if impl == "ffi" and not ffi_available():
         raise RuntimeError(f"impl='ffi': {_FFI_MISSING}")
     k, recall_target = check_search_args(k, recall_target, state.capacity)
     queries = _check_rows(
         queries, "queries", state.shape, None, state.key_dim, "key_dim", rows_name="Q"
     )
-    return _search(state, queries, k, recall_target, impl, capacity_axis)
+    return _search(state, queries, k, recall_target, precision, impl, capacity_axis)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _search(state, queries, k, recall_target, impl, capacity_axis):
-    out = _local_search(state, queries, k, recall_target, state.metric, impl, capacity_axis)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _search(state, queries, k, recall_target, precision, impl, capacity_axis):
+    out = _local_search(
+        state, queries, k, recall_target, state.metric, precision, impl, capacity_axis
+    )
     scores, indices, rk, rv, mask = out
     scores = _scores_for_queries(scores, queries, rk, state.metric)
     return SearchResult(scores, indices, rk, rv, mask)
@@ -675,6 +715,7 @@ def sharded_search(
     *,
     batch_axis: Any = None,
     capacity_axis: Any = None,
+    precision: str = "float32",
     impl: str = "auto",
 ) -> SearchResult:
     """search() under jax.shard_map over `mesh`: the grid's first axis split over
@@ -684,7 +725,9 @@ def sharded_search(
     res_spec = SearchResult(*(_grid_spec(e, n, batch_axis) for e in (2, 2, 3, 3, 2)))
 
     def body(s, q):
-        return search(s, q, k, recall_target, impl=impl, capacity_axis=capacity_axis)
+        return search(
+            s, q, k, recall_target, precision=precision, impl=impl, capacity_axis=capacity_axis
+        )
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(specs, _grid_spec(2, n, batch_axis)), out_specs=res_spec
