@@ -139,11 +139,11 @@ SIZE_CASES = [
     case("key_dim=None", dict(key_dim=None), TypeError, r"^key_dim: expected an integer"),
 ]
 
-DTYPE_MESSAGE = r"^dtype: expected one of \('float32', 'bfloat16', 'int8'\)"
+DTYPE_MESSAGE = r"^dtype: expected one of \('float32', 'bfloat16', 'float16', 'int8'\)"
 STORAGE_CASES = (
     [
         case(f"dtype={d!r}", dict(dtype=d), ValueError, DTYPE_MESSAGE)
-        for d in ("float64", "int16", "float16", "bogus", np.float64, None)
+        for d in ("float64", "int16", "half", "bogus", np.float64, None)
     ]
     + [
         case("dtype=123", dict(dtype=123), (TypeError, ValueError), r"^dtype:"),

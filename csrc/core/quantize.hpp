@@ -27,6 +27,50 @@ static inline float from_bf16(uint16_t h) {
   return x;
 }
 
+// IEEE half precision, round to nearest even. Inputs are finite and within
+// +-65504 (checked at the boundary); tiny values become subnormals or zero.
+static inline uint16_t to_f16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  if (mag >= 0x38800000u) {  // >= 2^-14: a normal half
+    // rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits
+    const uint32_t r = mag - 0x38000000u;
+    const uint32_t rounded = r + 0x0FFFu + ((r >> 13) & 1u);
+    return static_cast<uint16_t>(sign | (rounded >> 13));
+  }
+  if (mag < 0x33000000u) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to zero
+  // subnormal half: value = m * 2^-24 with m = round(|x| * 2^24)
+  const uint32_t exp = mag >> 23;  // 102 .. 112
+  const uint32_t mant = (mag & 0x7FFFFFu) | 0x800000u;
+  const uint32_t shift = 126 - exp;  // 14 .. 24
+  const uint32_t half = mant >> shift;
+  const uint32_t rest = mant & ((1u << shift) - 1);
+  const uint32_t mid = 1u << (shift - 1);
+  const uint32_t up = rest > mid || (rest == mid && (half & 1u));
+  return static_cast<uint16_t>(sign | (half + up));
+}
+
+static inline float from_f16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  const uint32_t mant = h & 0x3FFu;
+  uint32_t u;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float32
+    const float v = static_cast<float>(mant) * (1.0f / 16777216.0f);
+    std::memcpy(&u, &v, sizeof(u));
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7F800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 // Word i of a bfloat16 pair row: dims 2i (low half) and 2i+1 (0 past dim).
 static inline uint32_t bf16_pair(const float* x, int64_t dim, int64_t i) {
   const uint32_t lo = to_bf16(x[2 * i]);

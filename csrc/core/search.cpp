@@ -235,7 +235,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   }
 }
 
-// The stored key of a slot as float32 (bfloat16 keys widened, int8 scaled).
+// The stored key of a slot as float32 (bfloat16/float16 keys widened, int8 scaled).
 const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratch) {
   if (m.key_layout == KeyLayout::kRows) {
     return static_cast<const float*>(m.keys) + (g * m.capacity + slot) * m.key_stride;
@@ -245,6 +245,14 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
   if (m.key_format == KeyFormat::kFloat32) {
     const float* panel = static_cast<const float*>(m.keys) + base * m.key_dim;
     for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = panel[i * kPanelSlots + lane];
+    return scratch;
+  }
+  if (m.key_format == KeyFormat::kFloat16) {
+    const uint16_t* lane =
+        reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(m.keys) +
+                                          base * key_words(KeyFormat::kFloat16, m.key_dim)) +
+        slot % kPanelSlots;
+    for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = detail::from_f16(lane[i * kPanelSlots]);
     return scratch;
   }
   if (m.key_format == KeyFormat::kInt8) {

@@ -41,7 +41,7 @@ inline float sum_squares(int64_t dim, At at) {
 // Stores `key` in slot `lane` of the panel whose first word is `panel`
 // (kPanelSlots slots of key_words(format, dim) words, dimension-major). int8
 // keys also get their scale and sum. Returns |stored key|^2 -- of the rounded
-// key for bfloat16 and int8, which is what gets scored -- when `norm` is set,
+// key for bfloat16, float16 and int8, which is what gets scored -- when `norm` is set,
 // else 0.
 inline float store_key(KeyFormat format, const float* key, int64_t dim, void* panel, int64_t lane,
                        float* scale, int32_t* sum, bool norm) {
@@ -49,6 +49,13 @@ inline float store_key(KeyFormat format, const float* key, int64_t dim, void* pa
     float* dst = static_cast<float*>(panel) + lane;
     for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = key[d];
     return norm ? sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f;
+  }
+  if (format == KeyFormat::kFloat16) {  // [dim rounded up to even][16] halves
+    uint16_t* dst = static_cast<uint16_t*>(panel) + lane;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = to_f16(key[d]);
+    if (dim % 2) dst[dim * kPanelSlots] = 0;
+    if (!norm) return 0.0f;
+    return sum_squares(dim, [&](int64_t i) { return from_f16(dst[i * kPanelSlots]); });
   }
   uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
   if (format == KeyFormat::kInt8) {

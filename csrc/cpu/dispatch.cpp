@@ -29,7 +29,10 @@ bool cpu_supports(const std::string& name) {
            (name == "avx512" ||
             (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")));
   }
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
 #endif
   return name == "portable";
 }

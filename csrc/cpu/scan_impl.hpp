@@ -6,7 +6,8 @@
 // zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
-// lane, load_slots, store_slots, select_slots; for bfloat16 keys widen_bf16 (W words -> even and
+// lane, load_slots, store_slots, select_slots; load_f16 (W halves -> floats); for bfloat16 keys
+// widen_bf16 (W words -> even and
 // odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
 #pragma once
 
@@ -151,6 +152,21 @@ struct Scan {
           }
         }
       }
+    } else if constexpr (KF == KeyFormat::kFloat16) {
+      // halves laid out like float32 keys ([dims rounded up to even][16] per
+      // panel), widened to float32; queries stay float32
+      const int64_t dim = a.dim;
+      const uint16_t* kp[C];
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint16_t>(s + c * W, 2 * ((dim + 1) / 2));
+      const float* qp = a.queries + q0 * a.q_stride;
+      for (int64_t i = 0; i < dim; ++i) {
+        F kv[C];
+        for (int c = 0; c < C; ++c) kv[c] = V::load_f16(kp[c] + i * kPanel);
+        for (int r = 0; r < R; ++r) {
+          const F qv = V::set1(qp[r * a.q_stride + i]);
+          for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qv, kv[c], acc[r][c]);
+        }
+      }
     } else {  // int8: four dims per word, 7-bit unsigned queries, integer sums
       const int64_t rows = (a.dim + 3) / 4;
       const uint32_t* kp[C];
@@ -249,13 +265,15 @@ struct Scan {
 };
 
 // The scan for the key format of `args`, with a tile shape (queries x vectors
-// of slots) per format: float32 (R32 x C32), bfloat16 (R16 x C16) and int8
-// (R8 x C8) keys need different numbers of registers besides the tile.
+// of slots) per format: float32 and float16 (R32 x C32), bfloat16 (R16 x C16)
+// and int8 (R8 x C8) keys need different numbers of registers besides the tile.
 template <class V, int R32, int C32, int R16, int C16, int R8, int C8>
 void scan_any_format(const ScanArgs& args) {
   const Scan<V> scan{args};
   if (args.key_format == KeyFormat::kBFloat16) {
     scan.template run<KeyFormat::kBFloat16, R16, C16>();
+  } else if (args.key_format == KeyFormat::kFloat16) {
+    scan.template run<KeyFormat::kFloat16, R32, C32>();
   } else if (args.key_format == KeyFormat::kInt8) {
     scan.template run<KeyFormat::kInt8, R8, C8>();
   } else {

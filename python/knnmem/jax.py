@@ -51,8 +51,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import _core
 from .memory import (
-    KEY_DTYPES,
     METRICS,
+    PRECISIONS,
     SearchResult,
     check_search_args,
     check_sizes,
@@ -660,8 +660,8 @@ def search(
     state = _check_state(state)
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if precision not in KEY_DTYPES:
-        raise ValueError(f"precision: expected one of {KEY_DTYPES}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if impl == "ffi" and not ffi_available():
         raise RuntimeError(f"impl='ffi': {_FFI_MISSING}")
     k, recall_target = check_search_args(k, recall_target, state.capacity)

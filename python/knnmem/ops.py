@@ -23,8 +23,8 @@ import numpy as np
 from . import _core
 from ._arrays import INT64_MAX, as_array, as_float32, check_grid_array, framework_of, index_str
 from .memory import (
-    KEY_DTYPES,
     METRICS,
+    PRECISIONS,
     SearchResult,
     check_search_args,
     check_sizes,
@@ -159,8 +159,8 @@ def search(
     written = written.astype(np.int64, copy=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if precision not in KEY_DTYPES:
-        raise ValueError(f"precision: expected one of {KEY_DTYPES}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     shape, k_, v_, w_ = _ring(keys, values, written)
     k, recall_target = check_search_args(k, recall_target, k_.shape[1])
     q = as_float32(queries, "queries")

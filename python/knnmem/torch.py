@@ -44,8 +44,8 @@ from . import _core
 from . import torch_reference as _reference
 from ._arrays import as_float32
 from .memory import (
-    KEY_DTYPES,
     METRICS,
+    PRECISIONS,
     SearchResult,
     check_search_args,
     check_sizes,
@@ -158,8 +158,8 @@ def _check_search(keys, values, written, queries, k, recall_target, metric, prec
     shape, capacity, key_dim, value_dim = _check_ring(keys, values, written, in_place=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if precision not in KEY_DTYPES:
-        raise ValueError(f"precision: expected one of {KEY_DTYPES}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     k, recall_target = check_search_args(k, recall_target, capacity)
     nq = _check_rows(queries, "queries", shape, None, key_dim, "Q", "key_dim", keys.device)
     return shape, nq, k, recall_target, key_dim, value_dim
@@ -390,8 +390,8 @@ class KNNMemory(nn.Module):
         self.capacity, self.key_dim, self.value_dim = check_sizes(capacity, key_dim, value_dim)
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-        if precision not in KEY_DTYPES:
-            raise ValueError(f"precision: expected one of {KEY_DTYPES}, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         self.metric, self.precision = metric, precision
         for name, dims, dtype in (
             ("keys", (*self.shape, self.capacity, self.key_dim), torch.float32),
