@@ -71,7 +71,7 @@ __all__ = [
 PLACEMENT_BLOCK = int(_core.PLACEMENT_BLOCK)
 _FFI_TARGET = "knnmem_search"
 _FFI_ABI_VERSION = 1
-IMPLS = ("auto", "ffi", "reference")
+IMPLS = ("auto", "ffi", "reference", "pallas")
 
 
 # -- the custom call -----------------------------------------------------------------------
@@ -369,7 +369,6 @@ def _scores(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
 def _search_reference_flat(keys, values, written, queries, k, recall_target, metric):
     """The strided-bin search on [G, C, d] / [G, C, dv] / [G] / [G, Q, d] in pure JAX."""
     g, cap, _ = keys.shape
-    nq = queries.shape[1]
     num_bins = int(_core.bins_for_recall(k, recall_target))
     w = written.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     offset_of = jnp.asarray(_offset_table(cap))
@@ -389,15 +388,7 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
         nb = num_bins
         rows = -(-cap // nb)
         pad = rows * nb - cap
-        sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
-        sp = sp.reshape(g, nq, rows, nb)
-        best = jnp.max(sp, axis=2)  # [G, Q, L]
-        row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
-        bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
-        bin_slot = jnp.where(best > neg_inf, bin_slot, jnp.int32(2**31 - 1))
-        # best k of the bin winners, ordered by (score desc, slot asc)
-        neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
-        top, slot = -neg[..., :k], srt[..., :k]
+        top, slot = _top_of_bins(*_bin_winners(s, nb), k)
         # bins that hold a live slot (the same for every query)
         livep = jnp.pad(live, ((0, 0), (0, pad))).reshape(g, rows, nb)
         occupied = jnp.sum(jnp.any(livep, axis=1), axis=-1)
@@ -409,12 +400,39 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
             ),
             lambda: (top, slot),
         )
-    mask = top > neg_inf
+    return _results(top, slot, keys, values, w, offset_of)
+
+
+def _bin_winners(s: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
+    """Scores [G, Q, C] -> each strided bin's (best score, slot) [G, Q, nb], bin = slot
+    mod nb; ties to the lowest slot; slot 2**31 - 1 where the bin holds only -inf."""
+    g, nq, cap = s.shape
+    rows = -(-cap // nb)
+    pad = rows * nb - cap
+    sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
+    sp = sp.reshape(g, nq, rows, nb)
+    best = jnp.max(sp, axis=2)  # [G, Q, L]
+    row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
+    bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
+    return best, jnp.where(best > -jnp.inf, bin_slot, jnp.int32(2**31 - 1))
+
+
+def _top_of_bins(best: jax.Array, bin_slot: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The best k of the bin winners, ordered by (score desc, slot asc)."""
+    neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
+    return -neg[..., :k], srt[..., :k]
+
+
+def _results(top, slot, keys, values, w, offset_of):
+    """(scores, indices, keys, values, mask) from the k best (score, slot) per query."""
+    g, nq, k = top.shape
+    cap = keys.shape[1]
+    mask = top > -jnp.inf
     slot = jnp.where(mask, slot, 0)
     r = offset_of[slot].astype(w.dtype)
     pos = r + cap * ((w[:, None, None] - 1 - r) // cap)
     indices = jnp.where(mask, pos, -1).astype(w.dtype)
-    scores = jnp.where(mask, top, neg_inf)
+    scores = jnp.where(mask, top, -jnp.inf)
     flat = slot.reshape(g, nq * k, 1)
     rk = jnp.take_along_axis(keys, flat, axis=1).reshape(g, nq, k, -1)
     rv = jnp.take_along_axis(values, flat, axis=1).reshape(g, nq, k, -1)
@@ -491,6 +509,13 @@ def _search_ref(keys, values, written, queries, k, recall_target, metric):
     )
 
 
+def _search_pallas(keys, values, written, queries, k, recall_target, metric, interpret=False):
+    from .pallas import search_flat  # the Pallas TPU kernel (knnmem/pallas/)
+
+    fn = functools.partial(search_flat, interpret=interpret)
+    return _flat_call(fn, keys, values, written, queries, k, recall_target, metric)
+
+
 @functools.lru_cache(maxsize=256)
 def _raw_search(k: int, recall_target: float, metric: str, impl: str):
     """search(keys, values, written, queries) -> 5 arrays, for fixed static arguments,
@@ -499,13 +524,22 @@ def _raw_search(k: int, recall_target: float, metric: str, impl: str):
 
     def run(keys, values, written, queries):
         args = (keys, values, written, queries, k, recall_target, metric)
-        if impl == "reference" or (impl == "auto" and not ffi_available()):
+        if impl == "reference":
             return _search_ref(*args)
         if impl == "ffi":
             return _search_ffi(*args)
+        if impl == "pallas":  # compiled on TPU, interpreted elsewhere
+            return lax.platform_dependent(
+                *args[:4],
+                tpu=lambda *a: _search_pallas(*a, k, recall_target, metric),
+                default=lambda *a: _search_pallas(*a, k, recall_target, metric, interpret=True),
+            )
         return lax.platform_dependent(
             *args[:4],
-            cpu=lambda *a: _search_ffi(*a, k, recall_target, metric),
+            cpu=lambda *a: (_search_ffi if ffi_available() else _search_ref)(
+                *a, k, recall_target, metric
+            ),
+            tpu=lambda *a: _search_pallas(*a, k, recall_target, metric),
             default=lambda *a: _search_ref(*a, k, recall_target, metric),
         )
 
@@ -617,9 +651,11 @@ def search(
 
     Returns a SearchResult like knnmem.Memory.search (scores, indices, keys, values,
     mask; indices have the dtype of state.written). ``recall_target=1.0`` is exact.
-    impl: "auto" (the custom call on CPU, the reference elsewhere), "ffi" (CPU only) or
-    "reference" (pure JAX). capacity_axis: inside shard_map, the mesh axis over which
-    each memory's capacity is spread (k may be at most the per-device capacity).
+    impl: "auto" (the custom call on CPU, the Pallas kernel on TPU, the reference
+    elsewhere), "ffi" (CPU only), "reference" (pure JAX) or "pallas" (the TPU kernel;
+    run by the Pallas interpreter off TPU: slow, for tests). capacity_axis: inside
+    shard_map, the mesh axis over which each memory's capacity is spread (k may be at
+    most the per-device capacity).
     Results are constants w.r.t. the memory; scores are differentiable w.r.t. queries."""
     state = _check_state(state)
     if impl not in IMPLS:
