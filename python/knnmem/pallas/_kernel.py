@@ -163,6 +163,7 @@ def position_winners(
         exact_f32=keys.dtype == jnp.float32,
     )
     nblk = w // LANES
+    operands, mat = _same_varying_axes([held, queries, keys, offsets.reshape(1, cap), *extra])
     call = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -176,8 +177,8 @@ def position_winners(
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((g, nq, w), jnp.float32),
-            jax.ShapeDtypeStruct((g, nq, w), jnp.int32),
+            jax.ShapeDtypeStruct((g, nq, w), jnp.float32, manual_axis_type=mat),
+            jax.ShapeDtypeStruct((g, nq, w), jnp.int32, manual_axis_type=mat),
         ],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
@@ -185,7 +186,25 @@ def position_winners(
         interpret=interpret,
         name="knnmem_strided_bins",
     )
-    return call(held, queries, keys, offsets.reshape(1, cap), *extra)
+    return call(*operands)
+
+
+def _varying(x) -> frozenset:
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _same_varying_axes(operands):
+    """Inside shard_map (check_vma): make every operand vary along the union of the mesh
+    axes any operand varies along, and return the type the outputs take from them."""
+    axes = frozenset().union(*map(_varying, operands))
+    operands = [
+        lax.pcast(x, tuple(sorted(axes - _varying(x), key=str)), to="varying")
+        if axes - _varying(x)
+        else x
+        for x in operands
+    ]
+    return operands, getattr(jax.typeof(operands[2]), "manual_axis_type", None)
 
 
 def fold_positions(scores, slots, num_bins: int):
