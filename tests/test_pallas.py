@@ -242,6 +242,11 @@ def test_block_sizes_follow_tpu_tiling() -> None:
     assert kp.block_sizes(512, 65536, 256, 1024) == (256, 1024)
     assert kp.block_sizes(5, 1000, 256, 1024) == (5, 896)  # all queries; bk <= capacity
     assert kp.num_positions(145) == 384 and kp.num_positions(1) == 256
+    # the documented budget: 5.56 MiB for the defaults at d=128, f32, L=145 (docs/pallas.md)
+    assert kp.vmem_bytes(256, 1024, 128, 4, 145, "ip") == 5_832_704
+    # wide keys: the key block shrinks to stay within the VMEM budget
+    wide = kp.block_sizes(512, 65536, 256, 1024, key_dim=1024, itemsize=4, num_bins=145)
+    assert wide == (256, 512) and kp.vmem_bytes(*wide, 1024, 4, 145, "ip") <= 12 * 2**20
     with pytest.raises(ValueError, match="block_q"):
         kp.block_sizes(512, 4096, 100, 1024)
     with pytest.raises(ValueError, match="block_k"):

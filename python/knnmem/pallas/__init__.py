@@ -12,6 +12,7 @@ from ._kernel import (
     fold_positions,
     num_positions,
     position_winners,
+    vmem_bytes,
 )
 from ._search import bin_winners, search_flat
 
@@ -24,4 +25,5 @@ __all__ = [
     "num_positions",
     "position_winners",
     "search_flat",
+    "vmem_bytes",
 ]

@@ -37,15 +37,55 @@ def num_positions(num_bins: int) -> int:
     return LANES * ((num_bins - 1) // LANES + 2)
 
 
-def block_sizes(num_queries: int, capacity: int, block_q: int, block_k: int) -> tuple[int, int]:
+VMEM_BUDGET = 12 * 2**20  # under the 16 MiB of VMEM of v4 and the default scoped limit
+
+
+def _tile_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """VMEM bytes of a [rows, cols] block: (8 * 4 / itemsize, 128) tiles."""
+    sub = 8 * 4 // itemsize
+    return -(-rows // sub) * sub * -(-cols // LANES) * LANES * itemsize
+
+
+def vmem_bytes(bq: int, bk: int, d: int, itemsize: int, num_bins: int, metric: str) -> int:
+    """VMEM one grid step needs: double-buffered input and output blocks, the two
+    accumulators, and ~2 [bq, bk] float32 score temporaries (an estimate of Mosaic's)."""
+    w = num_positions(num_bins)
+    rows = {"ip": 1, "cosine": 2, "l2": 2}[metric]  # [1, bk] rows: offsets (+ norms)
+    inputs = _tile_bytes(bq, d, itemsize) + _tile_bytes(bk, d, itemsize)
+    inputs += rows * _tile_bytes(1, bk, 4) + (_tile_bytes(bq, 1, 4) if metric == "l2" else 0)
+    outputs = 2 * _tile_bytes(bq, w, 4)
+    scratch = 2 * (w // LANES) * _tile_bytes(bq, LANES, 4)  # scores and slots
+    return 2 * (inputs + outputs) + scratch + 2 * bq * bk * 4
+
+
+def block_sizes(
+    num_queries: int,
+    capacity: int,
+    block_q: int,
+    block_k: int,
+    *,
+    key_dim: int = 128,
+    itemsize: int = 4,
+    num_bins: int = 145,
+    metric: str = "ip",
+) -> tuple[int, int]:
     """(bq, bk) obeying TPU tiling: bq a multiple of 8 or all queries; bk a multiple of 128
-    (capacity >= 128 is required: smaller memories take the plain-JAX path)."""
+    (capacity >= 128 is required: smaller memories take the plain-JAX path), halved
+    while a grid step would need more than VMEM_BUDGET."""
     if block_q % 8 or block_q < 8:
         raise ValueError(f"block_q: expected a positive multiple of 8, got {block_q}")
     if block_k % LANES or block_k < LANES:
         raise ValueError(f"block_k: expected a positive multiple of {LANES}, got {block_k}")
     bq = num_queries if num_queries <= block_q else block_q
     bk = min(block_k, LANES * (capacity // LANES))
+
+    def need(bq, bk):
+        return vmem_bytes(bq, bk, key_dim, itemsize, num_bins, metric)
+
+    while need(bq, bk) > VMEM_BUDGET and bk > LANES:
+        bk = LANES * max(1, bk // (2 * LANES))
+    while need(bq, bk) > VMEM_BUDGET and bq > 8 and bq % 16 == 0:
+        bq //= 2
     return bq, bk
 
 
@@ -142,7 +182,10 @@ def position_winners(
     num_positions(num_bins); position p belongs to bin p mod num_bins."""
     g, nq, d = queries.shape
     cap = keys.shape[1]
-    bq, bk = block_sizes(nq, cap, block_q, block_k)
+    item = jnp.dtype(keys.dtype).itemsize
+    bq, bk = block_sizes(
+        nq, cap, block_q, block_k, key_dim=d, itemsize=item, num_bins=num_bins, metric=metric
+    )
     w = num_positions(num_bins)
     grid = (g, pl.cdiv(nq, bq), pl.cdiv(cap, bk))
     q_spec = pl.BlockSpec((None, bq, d), lambda c, i, j, held: (c, i, 0))
@@ -185,6 +228,11 @@ def position_winners(
         ),
         interpret=interpret,
         name="knnmem_strided_bins",
+        cost_estimate=pl.CostEstimate(
+            flops=2 * g * nq * cap * d,
+            transcendentals=0,
+            bytes_accessed=g * (grid[1] * cap * (d * item + 4) + nq * d * item + 2 * nq * w * 4),
+        ),
     )
     return call(*operands)
 
