@@ -15,9 +15,10 @@ a state fed the same rows as a knnmem.Memory gives bit-identical search results.
 
 search is the XLA FFI custom call ``knnmem_search`` on CPU: its handler (bindings/
 xla_ffi.cpp, part of knnmem._core) runs the same C++ kernels as knnmem.ops.search on
-XLA's buffers, zero-copy. Other backends (until the CUDA kernels land) run
-:func:`search_reference`, a pure-JAX implementation of the same strided-bin algorithm,
-which is also the reference the tests compare the custom call against.
+XLA's buffers, zero-copy. On TPU it is a Pallas kernel (knnmem.pallas, docs/pallas.md).
+Other backends (until the CUDA kernels land) run :func:`search_reference`, a pure-JAX
+implementation of the same strided-bin algorithm, which is also the reference the tests
+compare the custom call and the kernel against.
 
 Gradients: a search is a constant with respect to the memory. Indices, mask and the
 retrieved keys and values carry no gradient into the memory; ``res.scores`` is
