@@ -133,10 +133,15 @@ def _kernel(
     base = kb * block_k
     lane_k = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     live = (base + lane_k < capacity) & (off_ref[...] < held_ref[cell])
-    s = jnp.where(live, s, -jnp.inf)  # (NaN scores never win: NaN > x is False)
+    # Masks stay [1, lanes] rows: a slot's eligibility enters the comparison as an
+    # additive bias (0 or -inf), so no boolean is broadcast over sublanes, and the value
+    # kept is the score itself (-0.0 stays -0.0). A NaN score, or +inf + -inf, never
+    # wins: NaN > x is False.
+    live_bias = jnp.where(live, 0.0, -jnp.inf).astype(jnp.float32)
 
     lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
     for t in range(block_k // LANES):
+        chunk = slice(t * LANES, (t + 1) * LANES)
         c0 = base + t * LANES  # slot of lane 0 of this chunk
         # its position (lax.rem/div: the operands are >= 0, and jnp's floor-mod would
         # lower to a sign op that needs to know the TPU generation)
@@ -144,12 +149,13 @@ def _kernel(
         a, r = lax.div(o, jnp.int32(LANES)), lax.rem(o, jnp.int32(LANES))
         # rolled[:, l] = chunk[:, (l - r) mod 128]: lanes l >= r go to block a, the rest
         # (wrapped) to block a + 1
-        rolled = pltpu.roll(s[:, t * LANES : (t + 1) * LANES], r, 1)
+        rolled = pltpu.roll(s[:, chunk], r, 1)
+        bias = pltpu.roll(live_bias[:, chunk], r, 1)
         lo = lane >= r
         slot = c0 + jnp.where(lo, lane - r, lane - r + LANES)
         for blk, part in ((a, lo), (a + 1, ~lo)):
             cur_s, cur_i = acc_s[blk], acc_i[blk]
-            take = part & (rolled > cur_s)
+            take = rolled + jnp.where(part, bias, -jnp.inf) > cur_s
             acc_s[blk] = jnp.where(take, rolled, cur_s)
             acc_i[blk] = jnp.where(take, slot, cur_i)
 
