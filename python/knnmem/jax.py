@@ -517,6 +517,21 @@ def _search_pallas(keys, values, written, queries, k, recall_target, metric, int
     return _flat_call(fn, keys, values, written, queries, k, recall_target, metric)
 
 
+@functools.lru_cache(maxsize=1)
+def _pallas_importable() -> bool:
+    try:
+        from . import pallas  # noqa: F401
+    except ImportError:  # pragma: no cover - a jax without Pallas TPU
+        return False
+    return True
+
+
+def _search_tpu(*args):
+    """search(impl="auto")'s TPU branch (traced on every platform): the Pallas kernel,
+    or the reference where this jax has no Pallas TPU."""
+    return (_search_pallas if _pallas_importable() else _search_ref)(*args)
+
+
 @functools.lru_cache(maxsize=256)
 def _raw_search(k: int, recall_target: float, metric: str, impl: str):
     """search(keys, values, written, queries) -> 5 arrays, for fixed static arguments,
@@ -540,7 +555,7 @@ def _raw_search(k: int, recall_target: float, metric: str, impl: str):
             cpu=lambda *a: (_search_ffi if ffi_available() else _search_ref)(
                 *a, k, recall_target, metric
             ),
-            tpu=lambda *a: _search_pallas(*a, k, recall_target, metric),
+            tpu=lambda *a: _search_tpu(*a, k, recall_target, metric),
             default=lambda *a: _search_ref(*a, k, recall_target, metric),
         )
 
