@@ -249,6 +249,7 @@ def test_lowering_check_catches_ops_mosaic_lacks() -> None:
 def test_block_sizes_follow_tpu_tiling() -> None:
     assert kp.block_sizes(512, 65536, 256, 1024) == (256, 1024)
     assert kp.block_sizes(5, 1000, 256, 1024) == (5, 896)  # all queries; bk <= capacity
+    assert kp.block_sizes(300, 4096, 256, 1024) == (152, 1024)  # 2 equal query blocks
     assert kp.num_positions(145) == 384 and kp.num_positions(1) == 256
     # the documented budget: 5.56 MiB for the defaults at d=128, f32, L=145 (docs/pallas.md)
     assert kp.vmem_bytes(256, 1024, 128, 4, 145, "ip") == 5_832_704

@@ -69,14 +69,19 @@ def block_sizes(
     num_bins: int = 145,
     metric: str = "ip",
 ) -> tuple[int, int]:
-    """(bq, bk) obeying TPU tiling: bq a multiple of 8 or all queries; bk a multiple of 128
-    (capacity >= 128 is required: smaller memories take the plain-JAX path), halved
-    while a grid step would need more than VMEM_BUDGET."""
+    """(bq, bk) obeying TPU tiling: bq all queries, or (more than block_q of them) the
+    fewest blocks of at most block_q rows, of equal size rounded up to a multiple of 8;
+    bk a multiple of 128 (capacity >= 128 is required: smaller memories take the
+    plain-JAX path). Both are halved while a grid step would need more than VMEM_BUDGET."""
     if block_q % 8 or block_q < 8:
         raise ValueError(f"block_q: expected a positive multiple of 8, got {block_q}")
     if block_k % LANES or block_k < LANES:
         raise ValueError(f"block_k: expected a positive multiple of {LANES}, got {block_k}")
-    bq = num_queries if num_queries <= block_q else block_q
+    if num_queries <= block_q:
+        bq = num_queries
+    else:  # equal blocks, rounded up to 8 rows: Q = 300 -> 2 x 152, not 256 + 44
+        blocks = -(-num_queries // block_q)
+        bq = 8 * -(-num_queries // (8 * blocks))
     bk = min(block_k, LANES * (capacity // LANES))
 
     def need(bq, bk):
