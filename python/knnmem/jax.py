@@ -15,9 +15,10 @@ a state fed the same rows as a knnmem.Memory gives bit-identical search results.
 
 search is the XLA FFI custom call ``knnmem_search`` on CPU: its handler (bindings/
 xla_ffi.cpp, part of knnmem._core) runs the same C++ kernels as knnmem.ops.search on
-XLA's buffers, zero-copy. Other backends (until the CUDA kernels land) run
-:func:`search_reference`, a pure-JAX implementation of the same strided-bin algorithm,
-which is also the reference the tests compare the custom call against.
+XLA's buffers, zero-copy. On TPU it is a Pallas kernel (knnmem.pallas, docs/pallas.md).
+Other backends (until the CUDA kernels land) run :func:`search_reference`, a pure-JAX
+implementation of the same strided-bin algorithm, which is also the reference the tests
+compare the custom call and the kernel against.
 
 Gradients: a search is a constant with respect to the memory. Indices, mask and the
 retrieved keys and values carry no gradient into the memory; ``res.scores`` is
@@ -78,7 +79,7 @@ __all__ = [
 PLACEMENT_BLOCK = int(_core.PLACEMENT_BLOCK)
 _FFI_TARGET = "knnmem_search"
 _FFI_ABI_VERSION = 2
-IMPLS = ("auto", "ffi", "reference")
+IMPLS = ("auto", "ffi", "reference", "pallas")
 
 
 # -- the custom call -----------------------------------------------------------------------
@@ -358,11 +359,14 @@ def reset(state: MemoryState, mask: Any = None) -> MemoryState:
 # -- search: reference implementation ------------------------------------------------------
 
 
-def _scores(queries: jax.Array, keys: jax.Array, q_sq: jax.Array, metric: str) -> jax.Array:
-    """[G, Q, C] scores as the core defines them (q_sq: |q|^2 before any rounding)."""
+def _scores(queries: jax.Array, keys: jax.Array, metric: str, q_sq: Any = None) -> jax.Array:
+    """[G, Q, C] scores as the core defines them (q_sq: |q|^2 of the queries before any
+    rounding; by default of the queries given)."""
     dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
     if metric == "ip":
         return dot("gqd,gcd->gqc", queries, keys)
+    if q_sq is None:
+        q_sq = jnp.sum(queries * queries, -1)
     k_sq = jnp.sum(keys * keys, -1)
     if metric == "cosine":
         q = queries * jnp.where(q_sq > 0, lax.rsqrt(jnp.where(q_sq > 0, q_sq, 1)), 0)[..., None]
@@ -399,14 +403,14 @@ def _rounded(keys, queries, metric, precision):
 def _search_reference_flat(keys, values, written, queries, k, recall_target, metric, precision):
     """The strided-bin search on [G, C, d] / [G, C, dv] / [G] / [G, Q, d] in pure JAX."""
     g, cap, _ = keys.shape
-    nq = queries.shape[1]
     num_bins = int(_core.bins_for_search(k, recall_target, precision))
     w = written.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     offset_of = jnp.asarray(_offset_table(cap))
     live = (w[:, None] >= cap) | (offset_of[None, :] < w[:, None])  # [G, C]
     held = jnp.minimum(w, cap)
     neg_inf = jnp.float32(-jnp.inf)
-    s = _scores(*_rounded(keys, queries, metric, precision), metric)
+    rq, rk, q_sq = _rounded(keys, queries, metric, precision)
+    s = _scores(rq, rk, metric, q_sq)
     s = jnp.where(live[:, None, :] & ~jnp.isnan(s), s, neg_inf)
 
     def exact(s):
@@ -419,15 +423,7 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
         nb = num_bins
         rows = -(-cap // nb)
         pad = rows * nb - cap
-        sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
-        sp = sp.reshape(g, nq, rows, nb)
-        best = jnp.max(sp, axis=2)  # [G, Q, L]
-        row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
-        bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
-        bin_slot = jnp.where(best > neg_inf, bin_slot, jnp.int32(2**31 - 1))
-        # best k of the bin winners, ordered by (score desc, slot asc)
-        neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
-        top, slot = -neg[..., :k], srt[..., :k]
+        top, slot = _top_of_bins(*_bin_winners(s, nb), k)
         # bins that hold a live slot (the same for every query)
         livep = jnp.pad(live, ((0, 0), (0, pad))).reshape(g, rows, nb)
         occupied = jnp.sum(jnp.any(livep, axis=1), axis=-1)
@@ -439,12 +435,39 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
             ),
             lambda: (top, slot),
         )
-    mask = top > neg_inf
+    return _results(top, slot, keys, values, w, offset_of)
+
+
+def _bin_winners(s: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
+    """Scores [G, Q, C] -> each strided bin's (best score, slot) [G, Q, nb], bin = slot
+    mod nb; ties to the lowest slot; slot 2**31 - 1 where the bin holds only -inf."""
+    g, nq, cap = s.shape
+    rows = -(-cap // nb)
+    pad = rows * nb - cap
+    sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
+    sp = sp.reshape(g, nq, rows, nb)
+    best = jnp.max(sp, axis=2)  # [G, Q, L]
+    row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
+    bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
+    return best, jnp.where(best > -jnp.inf, bin_slot, jnp.int32(2**31 - 1))
+
+
+def _top_of_bins(best: jax.Array, bin_slot: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The best k of the bin winners, ordered by (score desc, slot asc)."""
+    neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
+    return -neg[..., :k], srt[..., :k]
+
+
+def _results(top, slot, keys, values, w, offset_of):
+    """(scores, indices, keys, values, mask) from the k best (score, slot) per query."""
+    g, nq, k = top.shape
+    cap = keys.shape[1]
+    mask = top > -jnp.inf
     slot = jnp.where(mask, slot, 0)
     r = offset_of[slot].astype(w.dtype)
     pos = r + cap * ((w[:, None, None] - 1 - r) // cap)
     indices = jnp.where(mask, pos, -1).astype(w.dtype)
-    scores = jnp.where(mask, top, neg_inf)
+    scores = jnp.where(mask, top, -jnp.inf)
     flat = slot.reshape(g, nq * k, 1)
     rk = jnp.take_along_axis(keys, flat, axis=1).reshape(g, nq, k, -1)
     rv = jnp.take_along_axis(values, flat, axis=1).reshape(g, nq, k, -1)
@@ -453,7 +476,8 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
     return scores, indices, rk, rv, mask
 
 
-def _flat_call(fn, keys, values, written, queries, k, recall_target, metric, precision):
+def _flat_call(fn, keys, values, written, queries, *static):
+    """fn on the grid flattened to one axis (static: its further arguments)."""
     shape = tuple(written.shape)
     g = math.prod(shape)
     cap, d = keys.shape[-2:]
@@ -462,10 +486,7 @@ def _flat_call(fn, keys, values, written, queries, k, recall_target, metric, pre
         values.reshape(g, cap, values.shape[-1]),
         written.reshape(g),
         queries.reshape(g, *queries.shape[-2:]),
-        k,
-        recall_target,
-        metric,
-        precision,
+        *static,
     )
     return tuple(o.reshape(shape + o.shape[1:]) for o in out)
 
@@ -523,6 +544,32 @@ def _search_ref(keys, values, written, queries, k, recall_target, metric, precis
     )
 
 
+def _search_pallas(keys, values, written, queries, k, recall_target, metric, interpret=False):
+    from .pallas import search_flat  # the Pallas TPU kernel (knnmem/pallas/)
+
+    fn = functools.partial(search_flat, interpret=interpret)
+    return _flat_call(fn, keys, values, written, queries, k, recall_target, metric)
+
+
+@functools.lru_cache(maxsize=1)
+def _pallas_importable() -> bool:
+    try:
+        from . import pallas  # noqa: F401
+    except ImportError:  # pragma: no cover - a jax without Pallas TPU
+        return False
+    return True
+
+
+def _search_tpu(keys, values, written, queries, k, recall_target, metric, precision):
+    """search(impl="auto")'s TPU branch (traced on every platform): the Pallas kernel,
+    or the reference where this jax has no Pallas TPU or the keys are scored rounded
+    (precision other than float32: not in the kernel yet)."""
+    args = (keys, values, written, queries, k, recall_target, metric)
+    if precision == "float32" and _pallas_importable():
+        return _search_pallas(*args)
+    return _search_ref(*args, precision)
+
+
 @functools.lru_cache(maxsize=256)
 def _raw_search(k: int, recall_target: float, metric: str, precision: str, impl: str):
     """search(keys, values, written, queries) -> 5 arrays, for fixed static arguments,
@@ -531,13 +578,20 @@ def _raw_search(k: int, recall_target: float, metric: str, precision: str, impl:
 
     def run(keys, values, written, queries):
         args = (keys, values, written, queries, k, recall_target, metric, precision)
-        if impl == "reference" or (impl == "auto" and not ffi_available()):
+        if impl == "reference":
             return _search_ref(*args)
         if impl == "ffi":
             return _search_ffi(*args)
+        if impl == "pallas":  # compiled on TPU, interpreted elsewhere
+            return lax.platform_dependent(
+                *args[:4],
+                tpu=lambda *a: _search_pallas(*a, k, recall_target, metric),
+                default=lambda *a: _search_pallas(*a, k, recall_target, metric, interpret=True),
+            )
         return lax.platform_dependent(
             *args[:4],
-            cpu=lambda *a: _search_ffi(*a, *args[4:]),
+            cpu=lambda *a: (_search_ffi if ffi_available() else _search_ref)(*a, *args[4:]),
+            tpu=lambda *a: _search_tpu(*a, *args[4:]),
             default=lambda *a: _search_ref(*a, *args[4:]),
         )
 
@@ -650,18 +704,23 @@ def search(
 
     Returns a SearchResult like knnmem.Memory.search (scores, indices, keys, values,
     mask; indices have the dtype of state.written). ``recall_target=1.0`` is exact.
-    impl: "auto" (the custom call on CPU, the reference elsewhere), "ffi" (CPU only) or
-    "reference" (pure JAX). capacity_axis: inside shard_map, the mesh axis over which
-    each memory's capacity is spread (k may be at most the per-device capacity).
+    impl: "auto" (the custom call on CPU, the Pallas kernel on TPU, the reference
+    elsewhere), "ffi" (CPU only), "reference" (pure JAX) or "pallas" (the TPU kernel;
+    run by the Pallas interpreter off TPU: slow, for tests). capacity_axis: inside
+    shard_map, the mesh axis over which each memory's capacity is spread (k may be at
+    most the per-device capacity).
     precision: "float32", or "bfloat16" / "int8" to score the keys rounded to that
-    format as knnmem.ops.search does (2-3x faster for blocks of queries; the returned
-    keys stay the stored rows; the reference matches the custom call to rounding).
+    format as knnmem.ops.search does (2-3x faster on CPU for blocks of queries; the
+    returned keys stay the stored rows; the reference matches the custom call to
+    rounding; the Pallas kernel takes float32 only, so on TPU these use the reference).
     Results are constants w.r.t. the memory; scores are differentiable w.r.t. queries."""
     state = _check_state(state)
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if impl == "pallas" and precision != "float32":
+        raise ValueError(f"precision: impl='pallas' scores float32 keys, got {precision!r}")
     if impl == "ffi" and not ffi_available():
         raise RuntimeError(f"impl='ffi': {_FFI_MISSING}")
     k, recall_target = check_search_args(k, recall_target, state.capacity)
