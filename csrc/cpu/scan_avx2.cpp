@@ -9,6 +9,8 @@ namespace {
 
 struct V {
   static constexpr int W = 8;
+  // vmaskmovps stores are slow on several x86 cores: blend and store instead
+  static constexpr bool kMaskedStores = false;
   static constexpr bool kNativeBF16 = false;
   using F = __m256;
   using I = __m256i;

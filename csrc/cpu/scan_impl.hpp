@@ -3,6 +3,7 @@
 // kernels.hpp for the layout and the rules these units follow.
 //
 // V provides: W (lanes), F (float vector), I (int32 vector), M (lane mask),
+// kMaskedStores (masked stores are cheap: the bins keep only improving lanes),
 // zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
@@ -44,7 +45,8 @@ struct Scan {
   }
 
   // Folds the scores v of slots s.. (first bin b = s mod L) into query q's bins.
-  void reduce_bins(int64_t q, F v, int64_t s, int64_t b) const {
+  // `slots` holds s, s+1, .. s+W-1.
+  void reduce_bins(int64_t q, F v, int64_t s, int64_t b, typename V::I slots) const {
     const int64_t L = a.num_bins;
     float* best = a.bin_best + q * L;
     int32_t* slot = a.bin_slot + q * L;
@@ -60,12 +62,17 @@ struct Scan {
       }
       return;
     }
-    const auto slots = V::slots(static_cast<int32_t>(s));
-    if (b + W <= L) {  // bins b .. b+W-1: blend and store whole vectors
-      const F old = V::load(best + b);
-      const auto take = V::gt(v, old);
-      V::store(best + b, V::select(take, v, old));
-      V::store_slots(slot + b, V::select_slots(take, slots, V::load_slots(slot + b)));
+    if (b + W <= L) {                    // bins b .. b+W-1: whole vectors
+      if constexpr (V::kMaskedStores) {  // store only the lanes that improve
+        const auto take = V::gt(v, V::load(best + b));
+        V::mask_store(best + b, take, v);
+        V::mask_store_slots(slot + b, take, slots);
+      } else {  // blend and store
+        const F old = V::load(best + b);
+        const auto take = V::gt(v, old);
+        V::store(best + b, V::select(take, v, old));
+        V::store_slots(slot + b, V::select_slots(take, slots, V::load_slots(slot + b)));
+      }
       return;
     }
     // The run of bins wraps: lanes [0, L-b) go to bins b.., the rest to 0..
@@ -204,8 +211,9 @@ struct Scan {
 
   // Scores of R queries (from q0) against C vectors of slots (from s), then
   // the metric, the live mask and the reduction.
+  // `bin` = s mod num_bins (0 without bins).
   template <KeyFormat KF, int R, int C>
-  void tile(int64_t q0, int64_t s) const {
+  void tile(int64_t q0, int64_t s, int64_t bin) const {
     F acc[R][C];
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
@@ -219,7 +227,8 @@ struct Scan {
       const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
       F aux = V::zero();
       if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
-      const int64_t bin = a.num_bins > 0 ? sc % a.num_bins : 0;
+      if (c > 0) bin = next_bin(bin, W);
+      const auto slots = V::slots(static_cast<int32_t>(sc));
       for (int r = 0; r < R; ++r) {
         F v = acc[r][c];
         if (a.metric == Metric::kCosine) {
@@ -230,7 +239,7 @@ struct Scan {
         }
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
         if (a.num_bins > 0) {
-          reduce_bins(q0 + r, v, sc, bin);
+          reduce_bins(q0 + r, v, sc, bin, slots);
         } else {
           reduce_topk(q0 + r, v, sc);
         }
@@ -238,11 +247,19 @@ struct Scan {
     }
   }
 
+  // The bin of the slot `by` after one in bin `bin` (no division per vector).
+  int64_t next_bin(int64_t bin, int64_t by) const {
+    if (a.num_bins == 0) return 0;
+    for (bin += by; bin >= a.num_bins;) bin -= a.num_bins;
+    return bin;
+  }
+
   template <KeyFormat KF, int R, int C>
   void rows_of_block(int64_t q0, int64_t s0, int64_t s1) const {
     int64_t s = s0;
-    for (; s + C * W <= s1; s += C * W) tile<KF, R, C>(q0, s);
-    for (; s < s1; s += W) tile<KF, R, 1>(q0, s);
+    int64_t bin = a.num_bins > 0 ? s0 % a.num_bins : 0;
+    for (; s + C * W <= s1; s += C * W, bin = next_bin(bin, C * W)) tile<KF, R, C>(q0, s, bin);
+    for (; s < s1; s += W, bin = next_bin(bin, W)) tile<KF, R, 1>(q0, s, bin);
   }
 
   // Tiles of R queries x C vectors over blocks of slots.

@@ -10,6 +10,7 @@ namespace {
 
 struct V {
   static constexpr int W = 4;
+  static constexpr bool kMaskedStores = false;
   static constexpr bool kNativeBF16 = false;
   typedef float F __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));

@@ -15,6 +15,7 @@ namespace {
 
 struct VAvx512 {
   static constexpr int W = 16;
+  static constexpr bool kMaskedStores = true;
   using F = __m512;
   using I = __m512i;
   using M = __mmask16;
