@@ -55,7 +55,7 @@ def test_memory_on_cuda_without_a_gpu_is_a_clear_error() -> None:
         ({"device": "cuda:x"}, ValueError, "device"),
         ({"device": "cuda", "dtype": "int8"}, ValueError, "dtype: expected one of"),
         ({"device": "cuda", "metric": "dot"}, ValueError, "metric"),
-        ({"device": "cpu", "dtype": "float16"}, ValueError, "float16 key storage"),
+        ({"device": "cuda", "dtype": "float64"}, ValueError, "dtype: expected one of"),
     ],
 )
 def test_arguments_are_checked_before_the_device(kwargs, error, match) -> None:
@@ -73,7 +73,7 @@ def test_parse_device() -> None:
 @needs_build
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_plan_matches_the_core_bins_and_bounds_the_workspace(dtype) -> None:
-    core_dtype = "float32" if dtype == "float32" else "bfloat16"
+    core_dtype = dtype
     for k, target in ((32, 0.9), (32, 0.95), (8, 0.5), (1, 0.9)):
         plan = kcuda._cuda.plan(16, 8192, 64, 512, k, target, dtype)
         assert plan["num_bins"] == knnmem._core.bins_for_search(k, target, core_dtype)

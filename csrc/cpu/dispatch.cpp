@@ -29,7 +29,10 @@ bool cpu_supports(const std::string& name) {
            (name == "avx512" ||
             (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")));
   }
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
 #endif
   return name == "portable";
 }
@@ -115,16 +118,6 @@ float squared_norm(const float* x, int64_t dim) {
   float s = 0.0f;
   for (int64_t i = 0; i < dim; ++i) s += x[i] * x[i];
   return s;
-}
-
-void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels) {
-  const int64_t num_panels = (n + kPanel - 1) / kPanel;
-  std::memset(panels, 0, sizeof(float) * num_panels * dim * kPanel);
-  for (int64_t j = 0; j < n; ++j) {
-    float* dst = panels + (j / kPanel) * dim * kPanel + j % kPanel;
-    const float* src = rows + j * stride;
-    for (int64_t i = 0; i < dim; ++i) dst[i * kPanel] = src[i];
-  }
 }
 
 }  // namespace knnmem::cpu

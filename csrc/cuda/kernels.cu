@@ -699,8 +699,10 @@ const char* key_dtype_name(KeyDType dtype) {
 int64_t key_dtype_size(KeyDType dtype) { return dtype == KeyDType::kFloat32 ? 4 : 2; }
 
 int64_t bins_for_search(int64_t k, double recall_target, KeyDType dtype) {
-  return knnmem::bins_for_search(
-      k, recall_target, dtype == KeyDType::kFloat32 ? KeyFormat::kFloat32 : KeyFormat::kBFloat16);
+  const KeyFormat format = dtype == KeyDType::kFloat32    ? KeyFormat::kFloat32
+                           : dtype == KeyDType::kBFloat16 ? KeyFormat::kBFloat16
+                                                          : KeyFormat::kFloat16;
+  return knnmem::bins_for_search(k, recall_target, format);
 }
 
 SearchPlan plan_search(int64_t grid, int64_t capacity, int64_t key_dim, int64_t num_queries,

@@ -36,8 +36,8 @@ enum class KeyDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 KeyDType parse_key_dtype(const std::string& name);
 const char* key_dtype_name(KeyDType dtype);
 int64_t key_dtype_size(KeyDType dtype);
-// Bins a search uses: bins_for_search with rounded (16-bit) keys treated as
-// the core treats bfloat16 keys. 0 = exact.
+// Bins a search uses: the core's bins_for_search for the same key format
+// (16-bit keys are rounded keys: target raised as for the CPU's). 0 = exact.
 int64_t bins_for_search(int64_t k, double recall_target, KeyDType dtype);
 
 struct RingView {

@@ -18,7 +18,9 @@ from ._arrays import (
     to_framework,
 )
 
-KEY_DTYPES = ("float32", "bfloat16", "int8")
+KEY_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# Formats a search can score float32 rows in (knnmem.ops / jax / torch precision=).
+PRECISIONS = ("float32", "bfloat16", "int8")
 METRICS = ("ip", "cosine", "l2")
 
 
@@ -101,7 +103,9 @@ class Memory:
         capacity: rows each memory holds; older rows are overwritten first.
         key_dim, value_dim: row widths (value_dim defaults to key_dim).
         dtype: key storage. "float32"; "bfloat16" (half the bytes; scored with
-            bfloat16 dot products where the CPU has AVX512_BF16); "int8" (a quarter
+            bfloat16 dot products where the CPU has AVX512_BF16); "float16" (half the
+            bytes, 11-bit precision, widened to float32 for the dot products; keys
+            must lie within +-65504); "int8" (a quarter
             of the bytes: per-row scale, 7-bit queries, integer dot products, VNNI
             where the CPU has it). Keys come back as stored (rounded / dequantised)
             float32; quantised memories choose their bins for a fifth less missing
@@ -138,13 +142,8 @@ class Memory:
                 dtype = np.dtype(dtype).name
             except TypeError:
                 raise TypeError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}") from None
-        if self._device is not None and dtype in cuda.KEY_DTYPES:
-            pass
-        elif dtype not in KEY_DTYPES:
-            raise ValueError(
-                f"dtype: expected one of {KEY_DTYPES} (float16 key storage is not "
-                f"implemented yet), got {dtype!r}"
-            )
+        if dtype not in KEY_DTYPES:
+            raise ValueError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}")
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self._dtype = dtype
