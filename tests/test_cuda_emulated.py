@@ -193,3 +193,14 @@ def test_emulated_int32_counters(emulated) -> None:
     np.testing.assert_array_equal(out[1], want.indices)
     np.testing.assert_array_equal(out[2], want.mask)
     np.testing.assert_array_equal(out[3], want.keys)
+
+
+def test_emulated_two_query_tiles_per_memory(emulated) -> None:
+    # 70 queries: two 64-query tiles per memory, the second one partly filled.
+    rng = np.random.default_rng(12)
+    mem = knnmem.Memory((2,), capacity=200, key_dim=16, value_dim=2, device="cuda")
+    stream = gaussian_stream(mem, rng, 3, 90)
+    q = rng.standard_normal((2, 70, 16)).astype(np.float32)
+    res = mem.search(q, k=4, recall_target=0.9)
+    check_against_model(stream, q, res, 4, 0.9, "ip", "float32")
+    np.testing.assert_array_equal(res.indices, model_search(stream, q, 4, 0.9, "ip", "float32")[1])
