@@ -8,15 +8,21 @@
 
 #include "cpu/kernels.hpp"
 
+#if defined(KNNMEM_NEON_KERNELS) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 namespace knnmem::cpu {
 namespace {
 
 // Best first. The x86 variants exist only in x86-64 builds (CMakeLists.txt).
 const Kernel kKernels[] = {
 #ifdef KNNMEM_X86_KERNELS
-    {"avx512_vnni_bf16", scan_avx512dl},
-    {"avx512", scan_avx512},
-    {"avx2", scan_avx2},
+    {"avx512_vnni_bf16", scan_avx512dl}, {"avx512", scan_avx512}, {"avx2", scan_avx2},
+#endif
+#ifdef KNNMEM_NEON_KERNELS
+    {"neon_dotprod", scan_neon_dotprod}, {"neon", scan_neon},
 #endif
     {"portable", scan_portable},
 };
@@ -34,14 +40,25 @@ bool cpu_supports(const std::string& name) {
            __builtin_cpu_supports("f16c");
   }
 #endif
+#ifdef KNNMEM_NEON_KERNELS
+  if (name == "neon") return true;  // Advanced SIMD is part of the aarch64 base ISA
+  if (name == "neon_dotprod") {
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return false;
+#endif
+  }
+#endif
   return name == "portable";
 }
 
 const Kernel* find(const std::string& name) {
-  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "portable") {
+  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "neon_dotprod" &&
+      name != "neon" && name != "portable") {
     throw InvalidArgument(
-        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'portable' (or '' for "
-        "automatic), got '" +
+        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'neon_dotprod', 'neon', "
+        "'portable' (or '' for automatic), got '" +
         name + "'");
   }
   for (const Kernel& k : kKernels) {

@@ -102,6 +102,8 @@ float squared_norm(const float* x, int64_t dim);
 void scan_portable(const ScanArgs& args);
 void scan_avx2(const ScanArgs& args);
 void scan_avx512(const ScanArgs& args);
-void scan_avx512dl(const ScanArgs& args);  // avx512 + AVX512_BF16 and AVX512_VNNI
+void scan_avx512dl(const ScanArgs& args);      // avx512 + AVX512_BF16 and AVX512_VNNI
+void scan_neon(const ScanArgs& args);          // aarch64 Advanced SIMD
+void scan_neon_dotprod(const ScanArgs& args);  // + the dot-product extension (sdot)
 
 }  // namespace knnmem::cpu

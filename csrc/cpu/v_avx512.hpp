@@ -9,6 +9,7 @@
 
 // GCC 12 warns about the undefined vectors inside its own intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace knnmem::cpu {
 namespace {
