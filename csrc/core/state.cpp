@@ -195,10 +195,10 @@ void Memory::import_state(const State& in) {
       std::memcpy(values_ + (g * capacity_ + slot) * value_dim_, in.values + row * value_dim_,
                   sizeof(float) * value_dim_);
       const float sq = stored_sq;
-      key_aux_[g * padded + slot] = metric_ == Metric::kL2       ? sq
-                                    : metric_ == Metric::kCosine ? (sq > 0.0f ? 1.0f / std::sqrt(sq)
-                                                                              : 0.0f)
-                                                                 : 0.0f;
+      key_aux_[g * padded + slot] = metric_ == Metric::kL2 ? sq
+                                    : metric_ == Metric::kCosine
+                                        ? (sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f)
+                                        : 0.0f;
     }
   });
   for (int64_t g = 0; g < grid_; ++g) written_[g] = in.written[g];

@@ -281,10 +281,10 @@ class Memory {
   // rows from count[g] on are zero. Keys keep their stored element type:
   // float32, bfloat16 bits (uint16) or int8 q with key = key_scale * q.
   struct State {
-    void* keys = nullptr;         // [grid][capacity][key_dim] float | uint16 | int8
-    float* key_scale = nullptr;   // [grid][capacity], int8 keys only (else null)
-    float* values = nullptr;      // [grid][capacity][value_dim]
-    int64_t* written = nullptr;   // [grid]
+    void* keys = nullptr;        // [grid][capacity][key_dim] float | uint16 | int8
+    float* key_scale = nullptr;  // [grid][capacity], int8 keys only (else null)
+    float* values = nullptr;     // [grid][capacity][value_dim]
+    int64_t* written = nullptr;  // [grid]
   };
   // Copies the state into `out` (every buffer required, sized as above) under
   // the shared lock: one consistent snapshot, concurrent with searches.
