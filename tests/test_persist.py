@@ -359,3 +359,28 @@ def test_big_memory_from_a_small_file_is_refused_before_allocating(good_file: Pa
     write(good_file, header, data)
     with pytest.raises(ValueError, match=r"tensor '(values|keys|key_scale)': expected"):
         knnmem.Memory.load(good_file)
+
+
+def test_import_state_checks_every_size_and_changes_nothing_on_error() -> None:
+    mem = filled("int8", "cosine")
+    keys, scale, values, written = state(mem)
+    target = filled("int8", "cosine", seed=9)
+    before = state(target)
+    core = target._core
+    for args, message in [
+        ((keys[:, :-1], scale, values, written), r"^keys: expected shape \(6, 83, 13\), got"),
+        ((keys, scale[:, :-1], values, written), r"^key_scale: expected shape \(6, 83\), got"),
+        ((keys, scale, values[..., :-1], written), r"^values: expected shape \(6, 83, 5\)"),
+        ((keys, scale, values, written[:-1]), r"^written: expected shape \(6\), got \(5,\)"),
+        ((keys.astype(np.int16), scale, values, written), r"^keys: expected an aligned C-cont"),
+        ((keys, scale, values.astype(np.float64), written), r"^values: expected an aligned C-c"),
+        ((keys, None, values, written), r"^key_scale: expected a float32 array for int8 keys"),
+        ((keys[:, ::-1], scale, values, written), r"^keys: expected an aligned C-contiguous"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            core._import_state(*args)
+        for a, b in zip(before, state(target)):
+            np.testing.assert_array_equal(a, b)
+    f32 = filled("float32", "ip")
+    with pytest.raises(ValueError, match=r"^key_scale: expected None for float32 keys"):
+        f32._core._import_state(*[a if i != 1 else scale for i, a in enumerate(state(f32))])
