@@ -99,6 +99,12 @@ def bench_m1(repeats: int) -> dict:
     knn = jax.jit(lambda s, q: kj.search(s, q, k, target))
     res = knn(state, q)
     jax.block_until_ready(res)
+    # the same float32 state scored as bfloat16 / int8 keys (precision=)
+    rounded = {
+        p: jax.jit(lambda s, q, p=p: kj.search(s, q, k, target, precision=p))
+        for p in ("bfloat16", "int8")
+    }
+    rounded_res = {p: jax.block_until_ready(f(state, q)) for p, f in rounded.items()}
 
     # the rows in stream order (the state holds them permuted by the placement)
     stream_keys = jnp.asarray(keys)
@@ -120,6 +126,8 @@ def bench_m1(repeats: int) -> dict:
     # alternate the two, a block of calls each, so that both see the same machine
     calls = {
         "knnmem": lambda: jax.block_until_ready(knn(state, q)),
+        "bfloat16": lambda: jax.block_until_ready(rounded["bfloat16"](state, q)),
+        "int8": lambda: jax.block_until_ready(rounded["int8"](state, q)),
         "approx": lambda: jax.block_until_ready(approx(stream_keys, q)),
         "matmul": lambda: jax.block_until_ready(matmul_only(stream_keys, q)),
         "memory": lambda: mem.search(queries, k=k, recall_target=target),
@@ -144,6 +152,11 @@ def bench_m1(repeats: int) -> dict:
         "knnmem_recall": recall(np.asarray(res.indices), truth),
         "approx_max_k_recall": recall(np.asarray(a_idx), truth),
     }
+    for p in ("bfloat16", "int8"):
+        row[f"{p}_ms"] = 1e3 * statistics.median(walls[p])
+        row[f"{p}_cpu_ms"] = 1e3 * statistics.median(cpus[p])
+        row[f"{p}_recall"] = recall(np.asarray(rounded_res[p].indices), truth)
+        row[f"{p}_speedup"] = row["approx_max_k_ms"] / row[f"{p}_ms"]
     row["speedup"] = row["approx_max_k_ms"] / row["knnmem_ms"]
     row["cpu_speedup"] = row["approx_max_k_cpu_ms"] / row["knnmem_cpu_ms"]
     return row
@@ -229,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         "  method                            wall ms  CPU ms  recall@32\n"
         f"  knnmem.jax.search (custom call)  {m1['knnmem_ms']:8.1f} {m1['knnmem_cpu_ms']:7.1f}"
         f"   {m1['knnmem_recall']:.3f}\n"
+        f"    precision='bfloat16'           {m1['bfloat16_ms']:8.1f} {m1['bfloat16_cpu_ms']:7.1f}"
+        f"   {m1['bfloat16_recall']:.3f}   {m1['bfloat16_speedup']:.2f}x\n"
+        f"    precision='int8'               {m1['int8_ms']:8.1f} {m1['int8_cpu_ms']:7.1f}"
+        f"   {m1['int8_recall']:.3f}   {m1['int8_speedup']:.2f}x\n"
         f"  jax.lax.approx_max_k             {m1['approx_max_k_ms']:8.1f} "
         f"{m1['approx_max_k_cpu_ms']:7.1f}   {m1['approx_max_k_recall']:.3f}\n"
         f"  speedup {m1['speedup']:.2f}x wall, {m1['cpu_speedup']:.2f}x CPU (target >= 4x)\n"

@@ -5,7 +5,9 @@
 
 Target 1, workload M1 (shape (1,), capacity 65536, d=128, Q=512, k=32):
     torch.ops.knnmem.search (recall_target 0.9) vs torch matmul + topk (exact)
-    on CPU tensors; goal >= 4x faster at recall >= 0.9.
+    on CPU tensors; goal >= 4x faster at recall >= 0.9. The op runs with each
+    precision: float32 scoring, and bfloat16 / int8 scoring of the same float32
+    rows (rounded per search, as a Memory of that dtype stores them).
 Target 2, workload M2 (shape (2, 8), capacity 8192, d=64, Q=512, k=32):
     torch.ops.knnmem.search vs knnmem.ops.search on numpy arrays (the direct
     path, same kernels); goal: dispatch overhead <= 10%. Also the op inside a
@@ -87,8 +89,13 @@ def target_m1(reps: int, k: int = 32) -> list[dict]:
     def torch_exact():
         return torch.topk(tq @ exact_ring.transpose(-1, -2), k, dim=-1)
 
+    def op(precision):
+        return lambda: torch.ops.knnmem.search(tk, tv, tw, tq, k, 0.9, "ip", precision)
+
     methods = {
-        "torch.ops.knnmem.search": lambda: torch.ops.knnmem.search(tk, tv, tw, tq, k, 0.9, "ip"),
+        "torch.ops.knnmem.search": op("float32"),
+        "torch.ops.knnmem.search bfloat16": op("bfloat16"),
+        "torch.ops.knnmem.search int8": op("int8"),
         "torch matmul + topk (exact)": torch_exact,
         "knnmem.ops.search (numpy)": lambda: knnmem.ops.search(
             keys, values, written, queries, k=k, recall_target=0.9
@@ -99,9 +106,11 @@ def target_m1(reps: int, k: int = 32) -> list[dict]:
     _, truth = exact_search(rows, queries, k)
     slot_of, _ = knnmem.ops.placement(65536)
     rec = {
-        "torch.ops.knnmem.search": recall(
-            torch.ops.knnmem.search(tk, tv, tw, tq, k, 0.9, "ip")[1].numpy(), truth
-        ),
+        **{
+            name: recall(methods[name]()[1].numpy(), truth)
+            for name in methods
+            if name.startswith("torch.ops.knnmem.search")
+        },
         "torch matmul + topk (exact)": recall(torch_exact().indices.numpy(), truth),
         "knnmem.ops.search (numpy)": recall(
             knnmem.ops.search(keys, values, written, queries, k=k).indices, truth

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -58,14 +59,16 @@ void check_float32(const py::array& a, const char* name) {
   }
 }
 
-// Throws naming the first NaN/Inf element. Runs without the GIL.
-void check_finite(const float* data, const py::array& a, const char* name) {
+// Throws naming the first NaN/Inf element, or with a `limit` the first of
+// magnitude above it (`what` says why). Runs without the GIL.
+void check_finite(const float* data, const py::array& a, const char* name,
+                  float limit = std::numeric_limits<float>::max(), const char* what = nullptr) {
   const int64_t n = static_cast<int64_t>(a.size());
   int64_t bad = -1;
   {
     py::gil_scoped_release release;
     for (int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(data[i])) {
+      if (!(std::fabs(data[i]) <= limit)) {  // also NaN
         bad = i;
         break;
       }
@@ -79,7 +82,8 @@ void check_finite(const float* data, const py::array& a, const char* name) {
     rest /= a.shape(d);
   }
   std::ostringstream s;
-  s << name << ": expected finite values, got " << data[bad] << " at index [";
+  s << name << ": expected " << (what && std::isfinite(data[bad]) ? what : "finite values")
+    << ", got " << data[bad] << " at index [";
   for (std::size_t d = 0; d < index.size(); ++d) s << (d ? ", " : "") << index[d];
   s << "]";
   throw InvalidArgument(s.str());
@@ -302,6 +306,9 @@ PYBIND11_MODULE(_core, m) {
             const float* v = checked_input(
                 values, "values", G, T, self.value_dim(),
                 dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
+            if (self.key_format() == knnmem::KeyFormat::kFloat16) {
+              check_finite(k, keys, "keys", 65504.0f, "values within +-65504 for float16 keys");
+            }
             check_room(self.written().data(), G, T, "keys");
             py::gil_scoped_release release;
             self.add(k, v, T);
@@ -339,9 +346,9 @@ PYBIND11_MODULE(_core, m) {
            [](const knnmem::Memory& self) {
              const py::ssize_t G = self.grid(), C = self.capacity();
              const knnmem::KeyFormat f = self.key_format();
-             py::dtype key_dtype = f == knnmem::KeyFormat::kFloat32    ? py::dtype::of<float>()
-                                   : f == knnmem::KeyFormat::kBFloat16 ? py::dtype::of<uint16_t>()
-                                                                       : py::dtype::of<int8_t>();
+             py::dtype key_dtype = f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+                                   : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                                                    : py::dtype::of<uint16_t>();
              py::array keys(key_dtype, std::vector<py::ssize_t>{G, C, self.key_dim()});
              py::array values(py::dtype::of<float>(),
                               std::vector<py::ssize_t>{G, C, self.value_dim()});
@@ -382,9 +389,9 @@ PYBIND11_MODULE(_core, m) {
               }
             };
             check(keys, "keys",
-                  f == knnmem::KeyFormat::kFloat32    ? py::dtype::of<float>()
-                  : f == knnmem::KeyFormat::kBFloat16 ? py::dtype::of<uint16_t>()
-                                                      : py::dtype::of<int8_t>(),
+                  f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+                  : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                                   : py::dtype::of<uint16_t>(),
                   {G, C, self.key_dim()});
             check(values, "values", py::dtype::of<float>(), {G, C, self.value_dim()});
             check(written, "written", py::dtype::of<int64_t>(), {G});
@@ -411,23 +418,29 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "search",
       [](const py::array& keys, const py::array& values, const py::array& written,
-         const py::array& queries, int64_t k, double recall_target, const std::string& metric) {
+         const py::array& queries, int64_t k, double recall_target, const std::string& metric,
+         const std::string& precision) {
         RingArrays ring = ring_view(keys, values, written, false);
         const knnmem::MemoryView view = ring.view.as_const();
         const knnmem::Metric parsed = knnmem::parse_metric(metric);
+        if (precision != "float32" && precision != "bfloat16" && precision != "int8") {
+          throw knnmem::InvalidArgument(
+              "precision: expected one of 'float32', 'bfloat16', 'int8', got '" + precision + "'");
+        }
+        knnmem::SearchOptions options{k, recall_target, parsed};
+        options.score_format = knnmem::parse_key_format(precision);
         checked_k(k, view.capacity);
         checked_recall_target(recall_target);
         const float* q =
             checked_input(queries, "queries", view.grid, -1, view.key_dim,
                           dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
         const int64_t nq = rows_of(queries);
-        return run_search(view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
-                          [&](const knnmem::SearchOutput& out) {
-                            knnmem::search(view, q, nq, {k, recall_target, parsed}, out);
-                          });
+        return run_search(
+            view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
+            [&](const knnmem::SearchOutput& out) { knnmem::search(view, q, nq, options, out); });
       },
       py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("queries"), py::arg("k"),
-      py::arg("recall_target"), py::arg("metric"),
+      py::arg("recall_target"), py::arg("metric"), py::arg("precision") = "float32",
       "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
 
   m.def(

@@ -8,7 +8,8 @@
 //   queries [*grid, Q, key_dim]          f32
 // and writes scores [*grid, Q, k] f32, indices [*grid, Q, k] (dtype of written),
 // keys [*grid, Q, k, key_dim], values [*grid, Q, k, value_dim], mask [*grid, Q, k]
-// pred. Attributes: k (i64), recall_target (f64), metric ("ip" | "cosine" | "l2").
+// pred. Attributes: k (i64), recall_target (f64), metric ("ip" | "cosine" | "l2"),
+// precision ("float32" | "bfloat16" | "int8": the format keys are scored in).
 //
 // Every check of the call happens here, before the core runs, and a bad call
 // returns ffi::Error (INVALID_ARGUMENT) naming the argument; no exception ever
@@ -144,7 +145,8 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
                       ffi::AnyBuffer queries, ffi::Result<ffi::AnyBuffer> out_scores,
                       ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> out_keys,
                       ffi::Result<ffi::AnyBuffer> out_values, ffi::Result<ffi::AnyBuffer> out_mask,
-                      int64_t k, double recall_target, std::string_view metric_name) {
+                      int64_t k, double recall_target, std::string_view metric_name,
+                      std::string_view precision) {
   try {
     // dtypes
     if (auto e = check_dtype(keys.element_type(), ffi::DataType::F32, "keys"); !e.success())
@@ -204,6 +206,12 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     } catch (const knnmem::InvalidArgument& e) {
       return invalid(e.what());
     }
+    if (precision != "float32" && precision != "bfloat16" && precision != "int8") {
+      return invalid("precision: expected one of 'float32', 'bfloat16', 'int8', got '" +
+                     std::string(precision) + "'");
+    }
+    knnmem::SearchOptions options{k, recall_target, metric};
+    options.score_format = knnmem::parse_key_format(std::string(precision));
 
     // results: shapes are fixed by the caller's abstract evaluation; checked all the same
     struct Expected {
@@ -288,7 +296,7 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
       advise_huge_pages((*r.buf)->untyped_data(), (*r.buf)->size_bytes());
     knnmem::SearchOutput out{out_scores->typed_data<float>(), indices, out_mask->typed_data<bool>(),
                              out_keys->typed_data<float>(), out_values->typed_data<float>()};
-    knnmem::search(view, q, nq, knnmem::SearchOptions{k, recall_target, metric}, out);
+    knnmem::search(view, q, nq, options, out);
     if (index_type == ffi::DataType::S32) {
       int32_t* dst = out_indices->typed_data<int32_t>();
       for (std::size_t i = 0; i < indices64.size(); ++i)
@@ -321,8 +329,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KnnmemSearch, SearchImpl,
                                   .Ret<ffi::AnyBuffer>()  // mask
                                   .Attr<int64_t>("k")
                                   .Attr<double>("recall_target")
-                                  .Attr<std::string_view>("metric"));
+                                  .Attr<std::string_view>("metric")
+                                  .Attr<std::string_view>("precision"));
 
 // Bumped when the handler's operands, results or attributes change, so that
 // knnmem.jax can refuse a stale build instead of calling it wrongly.
-int64_t KnnmemFfiAbiVersion() { return 1; }
+int64_t KnnmemFfiAbiVersion() { return 2; }

@@ -139,11 +139,11 @@ SIZE_CASES = [
     case("key_dim=None", dict(key_dim=None), TypeError, r"^key_dim: expected an integer"),
 ]
 
-DTYPE_MESSAGE = r"^dtype: expected one of \('float32', 'bfloat16', 'int8'\)"
+DTYPE_MESSAGE = r"^dtype: expected one of \('float32', 'bfloat16', 'float16', 'int8'\)"
 STORAGE_CASES = (
     [
         case(f"dtype={d!r}", dict(dtype=d), ValueError, DTYPE_MESSAGE)
-        for d in ("float64", "int16", "float16", "bogus", np.float64, None)
+        for d in ("float64", "int16", "half", "bogus", np.float64, None)
     ]
     + [
         case("dtype=123", dict(dtype=123), (TypeError, ValueError), r"^dtype:"),
@@ -694,6 +694,14 @@ def test_ops_search_rejects_a_ring_of_capacity_0(ring):
 def test_ops_search_rejects_metric(ring, metric):
     with raises_unchanged(ring, ValueError, r"^metric: expected one of \('ip', 'cosine', 'l2'\)"):
         ops.search(*ring, PROBE, k=3, metric=metric)
+
+
+@pytest.mark.parametrize("precision", ["float16", "fp32", "", None])
+def test_ops_search_rejects_precision(ring, precision):
+    with raises_unchanged(
+        ring, ValueError, r"^precision: expected one of \('float32', 'bfloat16', 'int8'\), got"
+    ):
+        ops.search(*ring, PROBE, k=3, precision=precision)
 
 
 @pytest.mark.parametrize(("transform", "exc", "match"), QUERY_CASES)

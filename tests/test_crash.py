@@ -65,13 +65,13 @@ class Snapshots:
 
 def test_sigkill_during_save_leaves_a_complete_snapshot(tmp_path: Path) -> None:
     rng = np.random.default_rng(2024)
-    snapshots = {d: Snapshots(d) for d in ("float32", "bfloat16", "int8")}
+    snapshots = {d: Snapshots(d) for d in ("float32", "bfloat16", "float16", "int8")}
     env = {**os.environ, "KNNMEM_NUM_THREADS": "1"}
     outcomes = {"no file yet": 0, "previous": 0, "new": 0}
     left_temp = 0
     t0 = time.perf_counter()
     for trial in range(TRIALS):
-        dtype = ("float32", "bfloat16", "int8")[trial % 3]
+        dtype = ("float32", "bfloat16", "float16", "int8")[trial % 4]
         directory = tmp_path / f"trial{trial}"
         directory.mkdir()
         path = directory / "mem.safetensors"

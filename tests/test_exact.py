@@ -123,6 +123,39 @@ def test_bfloat16_keys(metric: str) -> None:
     assert np.mean(res.indices == ref_i + 44) > 0.9
 
 
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_float16_keys(metric: str) -> None:
+    # float16 storage: exact search equals the float64 reference over the keys
+    # rounded to float16 (queries stay float32); the keys returned are the rounded
+    # keys, bit for bit, and keys beyond float16's range are refused.
+    rng = np.random.default_rng(12)
+    d = 37
+    keys = (rng.standard_normal((2, 300, d)) * [[[1e-6]], [[300.0]]]).astype(np.float32)
+    keys[0, :, 0] = 6e-8  # float16 subnormals
+    mem = knnmem.Memory(2, capacity=256, key_dim=d, value_dim=1, metric=metric, dtype="float16")
+    mem.add(keys, np.zeros((2, 300, 1), np.float32))
+    assert mem.dtype == "float16" and mem.nbytes < 2 * 256 * (2 * d + 8) + 4096
+    rounded = keys.astype(np.float16).astype(np.float32)[:, -256:]
+    q = rng.standard_normal((2, 11, d)).astype(np.float32)
+    res = mem.search(q, k=10, recall_target=1.0)
+    ref_s, ref_i = exact_search(rounded, q, 10, metric=metric)
+    # (l2 cannot rank keys of size 1e-6 against queries of size 6 in float32)
+    decided = [1] if metric == "l2" else [0, 1]
+    np.testing.assert_array_equal(res.indices[decided], ref_i[decided] + 44)
+    for cell in range(2):  # keys of size ~1e-6 and ~300
+        scale = np.abs(ref_s[cell]).max()
+        np.testing.assert_allclose(res.scores[cell], ref_s[cell], rtol=0, atol=1e-5 * scale)
+    held = np.take_along_axis(rounded[:, None], (res.indices - 44)[..., None], 2)
+    np.testing.assert_array_equal(res.keys, held)
+    big = np.zeros((2, 1, d), np.float32)
+    big[1, 0, 3] = 70000.0
+    with pytest.raises(
+        ValueError, match=r"^keys: expected values within \+-65504 for float16 keys, got 70000"
+    ):
+        mem.add(big, np.zeros((2, 1, 1), np.float32))
+    np.testing.assert_array_equal(mem.written, [300, 300])  # unchanged
+
+
 def int8_rows(x: np.ndarray) -> np.ndarray:
     """The keys an int8 memory stores for float32 rows x (same float32 steps as the core)."""
     amax = np.abs(x).max(axis=-1, keepdims=True)
@@ -154,7 +187,7 @@ def test_int8_keys(metric: str) -> None:
     assert np.mean(res.indices == ref_i + 44) > 0.8
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 def test_quantised_keys_keep_the_recall_target(dtype: str) -> None:
     # Recall against float32 exact top-k on clustered keys: rounding the keys moves
     # near-ties across the k-th, which the bins make up for (README). (Neighbours

@@ -262,8 +262,14 @@ def test_non_cpu_platforms_lower_to_the_reference() -> None:
     assert "knnmem_search" in f.lower(state, q).as_text()
     from jax import export
 
-    exported = export.export(f, platforms=["cuda"])(state, q)
-    assert "knnmem_search" not in exported.mlir_module()
+    if not kj.ffi_cuda_available():
+        exported = export.export(f, platforms=["cuda"])(state, q)
+        assert "knnmem_search" not in exported.mlir_module()
+        return
+    # With knnmem._cuda built, CUDA lowers to its own custom call (docs/cuda.md).
+    unchecked = [export.DisabledSafetyCheck.custom_call("knnmem_search_cuda")]
+    text = export.export(f, platforms=["cuda"], disabled_checks=unchecked)(state, q).mlir_module()
+    assert "@knnmem_search_cuda(" in text and "@knnmem_search(" not in text
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -300,7 +306,13 @@ def _raw_call(state, q, **attrs):
     args = (state.keys, state.values, state.written, q)
     types = kj._result_types(*args, 4)  # (an empty result would not run the call)
     call = jax.ffi.ffi_call("knnmem_search", types, vmap_method="broadcast_all")
-    attrs = {"k": np.int64(4), "recall_target": np.float64(0.9), "metric": "ip", **attrs}
+    attrs = {
+        "k": np.int64(4),
+        "recall_target": np.float64(0.9),
+        "metric": "ip",
+        "precision": "float32",
+        **attrs,
+    }
     return jax.block_until_ready(call(*args, **attrs))
 
 
@@ -315,6 +327,7 @@ def test_handler_returns_errors_never_crashes(filled: tuple) -> None:
         ({"k": np.int64(0)}, "k: expected an integer in"),
         ({"recall_target": np.float64(0.0)}, "recall_target: expected a number in"),
         ({"metric": "dot"}, "metric"),
+        ({"precision": "float16"}, r"precision: expected one of 'float32', 'bfloat16', 'int8'"),
     ):
         with pytest.raises(Exception, match=message):
             _raw_call(state, q, **attrs)
@@ -342,3 +355,30 @@ def test_readme_jax_example_runs() -> None:
     exec(compile(blocks[0], str(readme), "exec"), namespace)
     assert namespace["res"].keys.shape == (2, 4, 128, 32, 32)
     assert np.asarray(namespace["state"].written).tolist() == [[128] * 4] * 2
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_rounded_precision(metric: str, precision: str) -> None:
+    """precision= scores rounded keys: the custom call equals knnmem.ops.search bit for
+    bit, and the pure-JAX reference finds nearly the same rows with scores equal to
+    rounding (bfloat16: the core may round the queries too, 2^-9 relative)."""
+    rng = np.random.default_rng(3)
+    state = kj.init((2, 3), 3000, 24, 5, metric=metric)
+    for t in (2000, 1500):
+        state = kj.add(state, rows(rng, 2, 3, t, 24), rows(rng, 2, 3, t, 5))
+    q = rows(rng, 2, 3, 40, 24)
+    ring = tuple(np.asarray(a) for a in (state.keys, state.values, state.written))
+    want = knnmem.ops.search(*ring, q, k=16, metric=metric, precision=precision)
+    got = kj.search(state, q, 16, precision=precision)
+    for name in ("scores", "indices", "keys", "values", "mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(want, name))
+    ref = kj.search(state, q, 16, precision=precision, impl="reference")
+    ref_idx = np.asarray(ref.indices)
+    same = (ref_idx[..., :, None] == want.indices[..., None, :]).any(-1)
+    assert same.mean() > 0.97
+    scale = np.abs(want.scores).max()
+    tol = 2.0**-8 if precision == "bfloat16" else 1e-5
+    np.testing.assert_allclose(np.asarray(ref.scores)[same], want.scores[same], atol=tol * scale)
+    with pytest.raises(ValueError, match=r"^precision: expected one of"):
+        kj.search(state, q, 16, precision="fp8")

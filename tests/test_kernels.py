@@ -34,7 +34,7 @@ def test_portable_is_always_supported() -> None:
     assert _core.get_kernel() == VARIANTS[0]  # the best one is the default
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("capacity, d, written", [(113, 59, 100), (1000, 128, 2500), (7, 3, 5)])

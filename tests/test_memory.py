@@ -160,10 +160,13 @@ def test_placement_is_a_blockwise_permutation() -> None:
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("target", [0.9, 1.0])
-def test_ops_equal_memory(metric: str, target: float) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_ops_equal_memory(metric: str, target: float, dtype: str) -> None:
+    """ops.search(precision=dtype) on float32 rows scores exactly as a Memory storing
+    dtype keys; only the returned keys differ (the rows, not their rounding)."""
     rng = np.random.default_rng(5)
     shape, capacity, d, dv = (2, 3), 300, 59, 5
-    mem = knnmem.Memory(shape, capacity=capacity, key_dim=d, value_dim=dv, metric=metric)
+    mem = knnmem.Memory(shape, capacity, d, dv, metric=metric, dtype=dtype)
     keys, values, written = knnmem.ops.init(shape, capacity, d, dv)
     for t in (100, 250, 7):
         k, v = rows(rng, shape, t, d), rows(rng, shape, t, dv)
@@ -172,9 +175,20 @@ def test_ops_equal_memory(metric: str, target: float) -> None:
         np.testing.assert_array_equal(written, mem.written)
         q = rows(rng, shape, 33, d)
         a = mem.search(q, k=40, recall_target=target)
-        b = knnmem.ops.search(keys, values, written, q, k=40, recall_target=target, metric=metric)
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+        b = knnmem.ops.search(
+            keys, values, written, q, k=40, recall_target=target, metric=metric, precision=dtype
+        )
+        for name in ("scores", "indices", "values", "mask"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        if dtype == "float32":
+            np.testing.assert_array_equal(a.keys, b.keys)
+        else:  # the stored rows at the returned positions, and Memory's rounding of them
+            cells = np.arange(6).reshape(shape)
+            slots = knnmem.ops.placement(capacity)[0][b.indices % capacity]
+            want = keys.reshape(6, capacity, d)[cells[..., None, None], np.where(b.mask, slots, 0)]
+            np.testing.assert_array_equal(b.keys, np.where(b.mask[..., None], want, 0))
+            tol = 1 / 64 if dtype == "int8" else 1 / 128
+            np.testing.assert_allclose(a.keys, b.keys, atol=tol * np.abs(keys).max())
 
 
 def test_results_follow_the_queries_framework() -> None:

@@ -17,7 +17,7 @@ import pytest
 import knnmem
 from knnmem import _persist
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 METRICS = ("ip", "cosine", "l2")
 SHAPE, CAP, KD, VD = (2, 3), 83, 13, 5
 
@@ -148,9 +148,14 @@ def test_file_is_readable_by_safetensors(tmp_path: Path, dtype: str) -> None:
         got = f.get_tensor("keys")
         assert (
             got.dtype
-            == {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}[dtype]
+            == {
+                "float32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "float16": torch.float16,
+                "int8": torch.int8,
+            }[dtype]
         )
-        bits = got.view(torch.int16) if dtype == "bfloat16" else got
+        bits = got.view(torch.int16) if dtype in ("bfloat16", "float16") else got
         np.testing.assert_array_equal(bits.numpy().reshape(keys.shape).view(keys.dtype), keys)
         np.testing.assert_array_equal(f.get_tensor("values").numpy().reshape(values.shape), values)
         np.testing.assert_array_equal(f.get_tensor("written").numpy().reshape(-1), written)
@@ -245,7 +250,7 @@ FIELD_CASES = {
     "capacity-mismatch": (edit_meta(capacity="84"), r"tensor 'values': expected dtype F32 shape \[2, 3, 84, 5\]"),
     "huge-capacity": (edit_meta(capacity=str(2**31 - 1)), r"tensor 'values': expected dtype F32 shape"),
     "bad-metric": (edit_meta(metric="dot"), r"metadata 'metric': expected one of \('ip', 'cosine', 'l2'\), got 'dot'"),
-    "bad-key-dtype": (edit_meta(key_dtype="float16"), r"metadata 'key_dtype': expected one of"),
+    "bad-key-dtype": (edit_meta(key_dtype="float8"), r"metadata 'key_dtype': expected one of"),
     "bad-value-dtype": (edit_meta(value_dtype="bfloat16"), r"metadata 'value_dtype': expected one of"),
     "dtype-mismatch": (edit_meta(key_dtype="float32"), r"tensors: expected \['keys', 'values', 'written'\], got"),
     "wrong-tensor-dtype": (edit_tensor("keys", dtype="U8"), r"tensor 'keys': expected dtype I8 shape"),

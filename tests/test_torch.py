@@ -125,6 +125,30 @@ def test_opcheck_search(metric) -> None:
     ring, _, rng = fill((2, 3), 50, 8, 5, [30], seed=2)
     q = torch.from_numpy(rand(rng, 2, 3, 4, 8)).requires_grad_()
     opcheck(torch.ops.knnmem.search.default, (*map(torch.from_numpy, ring), q, 7, 0.9, metric))
+    args = (*map(torch.from_numpy, ring), q, 7, 0.9, metric, "int8")
+    opcheck(torch.ops.knnmem.search.default, args)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_rounded_precision_matches_the_numpy_path_and_the_reference(metric, precision) -> None:
+    """The op is the numpy path bit for bit; the pure-torch reference rounds keys
+    (and int8 queries) the same way, so it finds nearly the same rows with scores
+    equal to rounding."""
+    ring, tring, rng = fill((2, 3), 3000, 24, 5, [2000, 1500], seed=11)
+    q = rand(rng, 2, 3, 40, 24)
+    want = knnmem.ops.search(*ring, q, k=16, recall_target=0.9, metric=metric, precision=precision)
+    args = (torch.from_numpy(q), 16, 0.9, metric, precision)
+    op = torch.ops.knnmem.search(*map(torch.from_numpy, ring), *args)
+    for got, exp in zip(op, want):
+        np.testing.assert_array_equal(got.numpy(), exp)
+    got = ref.search(*tring, *args)
+    same = (got[1].numpy()[..., :, None] == want.indices[..., None, :]).any(-1)
+    assert same.mean() > 0.97
+    scale = np.abs(want.scores[np.isfinite(want.scores)]).max()
+    # bfloat16: the core may round the queries too (vdpbf16ps), 2^-9 relative each
+    tol = 2.0**-8 if precision == "bfloat16" else 1e-5
+    np.testing.assert_allclose(got[0].numpy()[same], want.scores[same], atol=tol * scale)
 
 
 def test_opcheck_add_and_clear() -> None:

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "core/assert.hpp"
-#include "core/quantize.hpp"
+#include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -50,12 +50,6 @@ void free_aligned(float* p) {
   if (p != nullptr) std::free(reinterpret_cast<void**>(p)[-1]);
 }
 
-float aux_of(Metric metric, float sq) {
-  if (metric == Metric::kL2) return sq;
-  if (metric == Metric::kCosine) return sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f;
-  return 0.0f;
-}
-
 }  // namespace
 
 void add(const MutableMemoryView& m, const float* new_keys, const float* new_values,
@@ -81,44 +75,18 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
         std::memcpy(static_cast<float*>(m.keys) + (g * m.capacity + slot) * m.key_stride, key,
                     sizeof(float) * m.key_dim);
         stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
-      } else if (m.key_format == KeyFormat::kFloat32) {
-        float* panel = static_cast<float*>(m.keys) +
-                       (g * padded + slot / kPanelSlots * kPanelSlots) * m.key_dim;
-        for (int64_t d = 0; d < m.key_dim; ++d) {
-          panel[d * kPanelSlots + slot % kPanelSlots] = key[d];
-        }
-        stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
-      } else if (m.key_format == KeyFormat::kInt8) {  // norms of the dequantised key
-        const int64_t rows = key_words(KeyFormat::kInt8, m.key_dim);
-        uint32_t* panel =
-            static_cast<uint32_t*>(m.keys) + (g * padded + slot / kPanelSlots * kPanelSlots) * rows;
-        uint32_t* lane = panel + slot % kPanelSlots;
-        int32_t sum = 0;
-        const float scale = detail::quantize_int8(
-            key, m.key_dim, sum, [&](int64_t w, uint32_t word) { lane[w * kPanelSlots] = word; });
-        m.key_scale[g * padded + slot] = scale;
-        m.key_sum[g * padded + slot] = sum;
-        stored_sq = 0.0f;
-        for (int64_t d = 0; d < m.key_dim; ++d) {
-          const float x = detail::int8_at(lane, kPanelSlots, d, scale);
-          stored_sq += x * x;
-        }
-      } else {  // bfloat16 pairs; norms of the rounded key, which is what is scored
-        const int64_t rows = (m.key_dim + 1) / 2;
-        uint32_t* panel =
-            static_cast<uint32_t*>(m.keys) + (g * padded + slot / kPanelSlots * kPanelSlots) * rows;
-        stored_sq = 0.0f;
-        for (int64_t i = 0; i < rows; ++i) {
-          const uint32_t word = detail::bf16_pair(key, m.key_dim, i);
-          panel[i * kPanelSlots + slot % kPanelSlots] = word;
-          const float lo = detail::from_bf16(static_cast<uint16_t>(word));
-          const float hi = detail::from_bf16(static_cast<uint16_t>(word >> 16));
-          stored_sq += lo * lo + hi * hi;
-        }
+      } else {
+        const int64_t at = g * padded + slot;
+        void* panel = static_cast<uint32_t*>(m.keys) +
+                      (at - slot % kPanelSlots) * key_words(m.key_format, m.key_dim);
+        const bool int8 = m.key_format == KeyFormat::kInt8;
+        stored_sq = detail::store_key(m.key_format, key, m.key_dim, panel, slot % kPanelSlots,
+                                      int8 ? m.key_scale + at : nullptr,
+                                      int8 ? m.key_sum + at : nullptr, m.key_aux != nullptr);
       }
       std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
                   new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
-      if (m.key_aux) m.key_aux[g * padded + slot] = aux_of(m.aux_metric, stored_sq);
+      if (m.key_aux) m.key_aux[g * padded + slot] = detail::aux_of(m.aux_metric, stored_sq);
     }
   });
   for (int64_t g = 0; g < m.grid; ++g) m.written[g] += num_rows;

@@ -27,14 +27,18 @@ const char* metric_name(Metric metric) {
 KeyFormat parse_key_format(const std::string& name) {
   if (name == "float32") return KeyFormat::kFloat32;
   if (name == "bfloat16") return KeyFormat::kBFloat16;
+  if (name == "float16") return KeyFormat::kFloat16;
   if (name == "int8") return KeyFormat::kInt8;
-  throw InvalidArgument("dtype: expected one of 'float32', 'bfloat16', 'int8', got '" + name + "'");
+  throw InvalidArgument("dtype: expected one of 'float32', 'bfloat16', 'float16', 'int8', got '" +
+                        name + "'");
 }
 
 const char* key_format_name(KeyFormat format) {
   switch (format) {
     case KeyFormat::kBFloat16:
       return "bfloat16";
+    case KeyFormat::kFloat16:
+      return "float16";
     case KeyFormat::kInt8:
       return "int8";
     default:
@@ -81,7 +85,7 @@ int64_t bins_for_recall(int64_t k, double recall_target) {
 namespace knnmem {
 
 int64_t bins_for_search(int64_t k, double recall_target, KeyFormat format) {
-  // Rounded keys (bfloat16, int8) move some scores across the k-th: their bins
+  // Rounded keys (bfloat16, float16, int8) move some scores across the k-th: their bins
   // are chosen for a fifth less missing recall, 1 - 0.8 (1 - target), which
   // measured on clustered keys brings recall against float32 keys back to the
   // target (tests/test_exact.py, README).

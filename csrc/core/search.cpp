@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
-#include "core/quantize.hpp"
+#include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -22,11 +22,19 @@
 namespace knnmem {
 namespace {
 
-constexpr int64_t kMaxQueryChunk = 48;       // queries per task (a multiple of the tile heights)
+// Queries per task, a multiple of the tile heights. Every task streams its
+// memory's keys once, so bigger chunks read them fewer times; 192 queries of
+// bins (223 KB at k=32, r=0.9) still sit in L2 next to a block of keys.
+constexpr int64_t kMaxQueryChunk = 192;
+// Queries merged and finished per task of the last step.
+constexpr int64_t kFinishPiece = 48;
 constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-layout keys
 constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
 constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of exact-mode buffers per task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row-layout keys are packed into panels by every task that scans them, so a
+// task takes many more queries there: the packing is paid once per slot range.
+constexpr int64_t kMaxRowQueryChunk = 528;
 
 struct Candidate {
   float score;
@@ -92,6 +100,12 @@ struct Plan {
 };
 
 // Bins for a memory holding `live` rows; 0 = exact top-k.
+// The format keys are scored in: a panel memory's own, or the one asked for
+// row-layout keys.
+KeyFormat scored_format(const MemoryView& m, const SearchOptions& options) {
+  return m.key_layout == KeyLayout::kPanels ? m.key_format : options.score_format;
+}
+
 int64_t bins_for(const Plan& p, int64_t live, bool exact) {
   return exact || p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
 }
@@ -110,7 +124,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
 
   // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
   // zero-padded to whole bfloat16 pairs, and rounded to pairs for bfloat16 keys.
-  const KeyFormat format = m.key_layout == KeyLayout::kPanels ? m.key_format : KeyFormat::kFloat32;
+  const KeyFormat format = scored_format(m, *p.opt);
   const int64_t pairs = (dim + 1) / 2;
   const int64_t q_stride = format == KeyFormat::kBFloat16 ? 2 * pairs : dim;
   std::vector<float> qbuf(static_cast<std::size_t>(nq * q_stride), 0.0f);
@@ -194,28 +208,34 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
     scan(args);
     return;
   }
-  // Row layout: pack a block at a time into panels (and its norm terms).
-  std::vector<float> panels(static_cast<std::size_t>(kPackSlots * dim));
+  // Row layout: pack a block at a time into panels of the scored format (and
+  // its norm terms, scales and sums), as Memory::add would have stored it.
+  const int64_t words = key_words(format, dim);
+  std::vector<uint32_t> panels(static_cast<std::size_t>(kPackSlots * words), 0u);
   std::vector<float> aux(static_cast<std::size_t>(kPackSlots), 0.0f);
+  std::vector<float> scale(static_cast<std::size_t>(kPackSlots), 0.0f);
+  std::vector<int32_t> sum(static_cast<std::size_t>(kPackSlots), 0);
   const float* rows = static_cast<const float*>(m.keys) + g * m.capacity * m.key_stride;
+  const bool norm = metric != Metric::kInnerProduct;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
-    cpu::pack_panels(rows + b0 * m.key_stride, b1 - b0, m.key_stride, dim, panels.data());
-    if (metric != Metric::kInnerProduct) {
-      for (int64_t j = 0; j < b1 - b0; ++j) {
-        const float sq = cpu::squared_norm(rows + (b0 + j) * m.key_stride, dim);
-        aux[j] = metric == Metric::kL2 ? sq : (sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f);
-      }
+    for (int64_t j = 0; j < b1 - b0; ++j) {
+      const float sq = detail::store_key(format, rows + (b0 + j) * m.key_stride, dim,
+                                         panels.data() + (j - j % kPanelSlots) * words,
+                                         j % kPanelSlots, scale.data() + j, sum.data() + j, norm);
+      aux[j] = detail::aux_of(metric, sq);
     }
     args.panels = panels.data();
     args.key_aux = aux.data();
+    args.key_scale = scale.data();
+    args.key_sum = sum.data();
     args.begin = b0;
     args.end = b1;
     scan(args);
   }
 }
 
-// The stored key of a slot as float32 (bfloat16 keys widened, int8 scaled).
+// The stored key of a slot as float32 (bfloat16/float16 keys widened, int8 scaled).
 const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratch) {
   if (m.key_layout == KeyLayout::kRows) {
     return static_cast<const float*>(m.keys) + (g * m.capacity + slot) * m.key_stride;
@@ -225,6 +245,14 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
   if (m.key_format == KeyFormat::kFloat32) {
     const float* panel = static_cast<const float*>(m.keys) + base * m.key_dim;
     for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = panel[i * kPanelSlots + lane];
+    return scratch;
+  }
+  if (m.key_format == KeyFormat::kFloat16) {
+    const uint16_t* lane =
+        reinterpret_cast<const uint16_t*>(static_cast<const uint32_t*>(m.keys) +
+                                          base * key_words(KeyFormat::kFloat16, m.key_dim)) +
+        slot % kPanelSlots;
+    for (int64_t i = 0; i < m.key_dim; ++i) scratch[i] = detail::from_f16(lane[i * kPanelSlots]);
     return scratch;
   }
   if (m.key_format == KeyFormat::kInt8) {
@@ -281,12 +309,14 @@ void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& c
 }
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
-// and writes the results of queries [q0, q1). Returns false, writing nothing,
+// and writes the results of queries [q0, q1), which the partial states hold
+// from their query `first` on. Returns false, writing nothing,
 // if some query found fewer than min(k, live) candidates: in a memory that is
 // not full, bins over physical slots can be empty, and then only an exact
 // search returns every row the caller is owed.
 bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts,
-            bool exact) {
+            bool exact, int64_t first) {
+  const int64_t shift = q0 - first;
   const int64_t live = std::min(p.m->written[g], p.m->capacity);
   const int64_t L = bins_for(p, live, exact);
   const int64_t owed = std::min(p.opt->k, live);
@@ -298,8 +328,9 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
       for (int64_t b = 0; b < L; ++b) {
         Candidate best{kNegInf, -1};
         for (int64_t s = 0; s < nparts; ++s) {
-          const float v = parts[s].best[q * L + b];
-          if (v > best.score) best = {v, parts[s].slot[q * L + b]};
+          const int64_t at = (q + shift) * L + b;
+          const float v = parts[s].best[at];
+          if (v > best.score) best = {v, parts[s].slot[at]};
         }
         if (best.slot >= 0) c.push_back(best);
       }
@@ -307,8 +338,9 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
     } else {
       for (int64_t s = 0; s < nparts; ++s) {
         const cpu::TopKBuffers& t = parts[s].topk;
-        for (int64_t i = 0; i < t.sizes[q]; ++i) {
-          c.push_back({t.scores[q * t.capacity + i], t.slots[q * t.capacity + i]});
+        const int64_t row = q + shift;
+        for (int64_t i = 0; i < t.sizes[row]; ++i) {
+          c.push_back({t.scores[row * t.capacity + i], t.slots[row * t.capacity + i]});
         }
       }
     }
@@ -324,7 +356,7 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
 void search_exact(const Plan& p, int64_t g, int64_t q0, int64_t q1) {
   Partial part;
   scan_part(p, g, q0, q1, 0, scan_range(p.m->capacity, p.m->written[g]).end, true, part);
-  const bool complete = finish(p, g, q0, q1, &part, 1, true);
+  const bool complete = finish(p, g, q0, q1, &part, 1, true, q0);
   KNNMEM_ASSERT(complete);
 }
 
@@ -344,8 +376,7 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     throw InvalidArgument("k: expected an integer in [1, capacity=" +
                           std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
   }
-  const KeyFormat format =
-      memory.key_layout == KeyLayout::kPanels ? memory.key_format : KeyFormat::kFloat32;
+  const KeyFormat format = scored_format(memory, options);
   const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
   KNNMEM_ASSERT(out.scores && out.indices && out.mask);
@@ -355,7 +386,9 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
   // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
   const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
-  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, kMaxQueryChunk);
+  const int64_t max_chunk =
+      memory.key_layout == KeyLayout::kRows ? kMaxRowQueryChunk : kMaxQueryChunk;
+  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, max_chunk);
   p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
   // Too few (memory, query chunk) tasks to balance over the threads: cut each
   // memory's slots into ranges too (results do not depend on the cut).
@@ -376,7 +409,7 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
       const auto [q0, q1] = queries_of(static_cast<int64_t>(i) % p.chunks);
       Partial part;
       scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, false, part);
-      if (!finish(p, g, q0, q1, &part, 1, false)) search_exact(p, g, q0, q1);
+      if (!finish(p, g, q0, q1, &part, 1, false, q0)) search_exact(p, g, q0, q1);
     });
     return;
   }
@@ -389,11 +422,18 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
     scan_part(p, g, q0, q1, s0, s1, false, parts[i]);
   });
-  detail::parallel_for(static_cast<std::size_t>(tasks), [&](std::size_t t) {
-    const int64_t g = static_cast<int64_t>(t) / p.chunks;
-    const auto [q0, q1] = queries_of(static_cast<int64_t>(t) % p.chunks);
-    if (!finish(p, g, q0, q1, parts.data() + t * p.splits, p.splits, false)) {
-      search_exact(p, g, q0, q1);
+  // Merged and finished in pieces of at most kFinishPiece queries, so a big
+  // query chunk still finishes on every thread.
+  const int64_t pieces = (p.q_chunk + kFinishPiece - 1) / kFinishPiece;
+  detail::parallel_for(static_cast<std::size_t>(tasks * pieces), [&](std::size_t i) {
+    const int64_t t = static_cast<int64_t>(i) / pieces;
+    const int64_t g = t / p.chunks;
+    const auto [q0, q1] = queries_of(t % p.chunks);
+    const int64_t a = q0 + (static_cast<int64_t>(i) % pieces) * kFinishPiece;
+    const int64_t b = std::min(q1, a + kFinishPiece);
+    if (a >= b) return;
+    if (!finish(p, g, a, b, parts.data() + t * p.splits, p.splits, false, q0)) {
+      search_exact(p, g, a, b);
     }
   });
 }

@@ -3,18 +3,21 @@
 // logical -- rows oldest first, keys in their stored element type -- so files
 // do not depend on the panel width or the placement permutation.
 //
-// import_state recomputes the derived per-slot terms (metric norm, int8 sum)
-// with the same arithmetic as add() in memory.cpp; tests/test_persist.py
-// checks that loaded memories search bit-identically for every key format
-// and metric, so a change to one must be made to the other.
+// import_state writes float32, bfloat16 and float16 keys through the same
+// detail::store_key as add() (the stored values round-trip exactly through
+// float32), and int8 keys with the norm arithmetic of store_key, so the derived
+// per-slot terms (norms, int8 sums) come out bit-identical; tests/test_persist.py
+// checks that loaded memories search bit-identically for every format and metric.
 #include <cmath>
 #include <cstring>
 #include <mutex>
 #include <shared_mutex>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "core/quantize.hpp"
+#include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -45,15 +48,17 @@ std::string at(const char* name, int64_t g, int64_t row, int64_t d) {
 
 bool bf16_finite(uint16_t h) { return (h & 0x7F80u) != 0x7F80u; }
 
+int64_t key_bytes(KeyFormat format) {
+  return format == KeyFormat::kFloat32 ? 4 : format == KeyFormat::kInt8 ? 1 : 2;
+}
+
 }  // namespace
 
 void Memory::export_state(const State& out) const {
   std::shared_lock<RWLock> lock(mutex_);
   const int64_t padded = padded_capacity(capacity_);
   const int64_t words = key_words(key_format_, key_dim_);
-  const int64_t key_size = key_format_ == KeyFormat::kFloat32    ? 4
-                           : key_format_ == KeyFormat::kBFloat16 ? 2
-                                                                 : 1;
+  const int64_t key_size = key_bytes(key_format_);
   const int32_t* slot_of = placement_->slot_of();
   std::memcpy(out.written, written_.data(), sizeof(int64_t) * grid_);
   for_rows(grid_, capacity_, [&](int64_t g, int64_t r0, int64_t r1) {
@@ -72,24 +77,28 @@ void Memory::export_state(const State& out) const {
       const int64_t slot = slot_of[(written - count + i) % capacity_];
       const int64_t lane = slot % kPanelSlots;
       const int64_t panel = g * padded + slot / kPanelSlots * kPanelSlots;
+      const uint32_t* words_at = static_cast<const uint32_t*>(keys_) + panel * words;
       if (key_format_ == KeyFormat::kFloat32) {
-        const float* src = static_cast<const float*>(keys_) + panel * words + lane;
+        const float* src = reinterpret_cast<const float*>(words_at) + lane;
         float* dst = reinterpret_cast<float*>(key_row);
         for (int64_t d = 0; d < key_dim_; ++d) dst[d] = src[d * kPanelSlots];
-      } else {
-        const uint32_t* src = static_cast<const uint32_t*>(keys_) + panel * words + lane;
-        if (key_format_ == KeyFormat::kBFloat16) {
-          uint16_t* dst = reinterpret_cast<uint16_t*>(key_row);
-          for (int64_t d = 0; d < key_dim_; ++d) {
-            dst[d] = static_cast<uint16_t>(src[(d / 2) * kPanelSlots] >> (16 * (d % 2)));
-          }
-        } else {
-          int8_t* dst = reinterpret_cast<int8_t*>(key_row);
-          for (int64_t d = 0; d < key_dim_; ++d) {
-            dst[d] = static_cast<int8_t>(src[(d / 4) * kPanelSlots] >> (8 * (d % 4)));
-          }
-          *scale = key_scale_[g * padded + slot];
+      } else if (key_format_ == KeyFormat::kFloat16) {  // [dim rounded up to even][16] halves
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(words_at) + lane;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(key_row);
+        for (int64_t d = 0; d < key_dim_; ++d) dst[d] = src[d * kPanelSlots];
+      } else if (key_format_ == KeyFormat::kBFloat16) {
+        const uint32_t* src = words_at + lane;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(key_row);
+        for (int64_t d = 0; d < key_dim_; ++d) {
+          dst[d] = static_cast<uint16_t>(src[(d / 2) * kPanelSlots] >> (16 * (d % 2)));
         }
+      } else {
+        const uint32_t* src = words_at + lane;
+        int8_t* dst = reinterpret_cast<int8_t*>(key_row);
+        for (int64_t d = 0; d < key_dim_; ++d) {
+          dst[d] = static_cast<int8_t>(src[(d / 4) * kPanelSlots] >> (8 * (d % 4)));
+        }
+        *scale = key_scale_[g * padded + slot];
       }
       std::memcpy(value_row, values_ + (g * capacity_ + slot) * value_dim_,
                   sizeof(float) * value_dim_);
@@ -124,6 +133,8 @@ void Memory::import_state(const State& in) {
           ok = std::isfinite(static_cast<const float*>(in.keys)[e]);
         } else if (key_format_ == KeyFormat::kBFloat16) {
           ok = bf16_finite(static_cast<const uint16_t*>(in.keys)[e]);
+        } else if (key_format_ == KeyFormat::kFloat16) {
+          ok = (static_cast<const uint16_t*>(in.keys)[e] & 0x7C00u) != 0x7C00u;
         } else {
           ok = static_cast<const int8_t*>(in.keys)[e] != -128;
         }
@@ -150,31 +161,28 @@ void Memory::import_state(const State& in) {
   for_rows(grid_, capacity_, [&](int64_t g, int64_t r0, int64_t r1) {
     const int64_t written = in.written[g];
     const int64_t count = std::min(written, capacity_);
+    std::vector<float> row_buf(static_cast<std::size_t>(key_dim_));
     for (int64_t i = r0; i < std::min(r1, count); ++i) {
       const int64_t row = g * capacity_ + i;
       const int64_t slot = slot_of[(written - count + i) % capacity_];
       const int64_t lane = slot % kPanelSlots;
       const int64_t panel = g * padded + slot / kPanelSlots * kPanelSlots;
-      float stored_sq = 0.0f;
-      if (key_format_ == KeyFormat::kFloat32) {
-        const float* src = static_cast<const float*>(in.keys) + row * key_dim_;
-        float* dst = static_cast<float*>(keys_) + panel * words + lane;
-        for (int64_t d = 0; d < key_dim_; ++d) dst[d * kPanelSlots] = src[d];
-        stored_sq = cpu::squared_norm(src, key_dim_);
-      } else if (key_format_ == KeyFormat::kBFloat16) {  // as add(): pairs, low half first
-        const uint16_t* src = static_cast<const uint16_t*>(in.keys) + row * key_dim_;
-        uint32_t* dst = static_cast<uint32_t*>(keys_) + panel * words + lane;
-        for (int64_t w = 0; w < words; ++w) {
-          const uint32_t lo_bits = src[2 * w];
-          const uint32_t hi_bits = 2 * w + 1 < key_dim_ ? src[2 * w + 1] : 0u;
-          dst[w * kPanelSlots] = lo_bits | (hi_bits << 16);
-          const float lo = detail::from_bf16(static_cast<uint16_t>(lo_bits));
-          const float hi = detail::from_bf16(static_cast<uint16_t>(hi_bits));
-          stored_sq += lo * lo + hi * hi;
+      void* panel_at = static_cast<uint32_t*>(keys_) + panel * words;
+      float stored_sq;
+      if (key_format_ != KeyFormat::kInt8) {  // the stored values round-trip through float32
+        for (int64_t d = 0; d < key_dim_; ++d) {
+          const int64_t e = row * key_dim_ + d;
+          const uint16_t* half = static_cast<const uint16_t*>(in.keys);
+          row_buf[d] = key_format_ == KeyFormat::kFloat32
+                           ? static_cast<const float*>(in.keys)[e]
+                           : (key_format_ == KeyFormat::kBFloat16 ? detail::from_bf16(half[e])
+                                                                  : detail::from_f16(half[e]));
         }
-      } else {  // int8: as add(), norms of the dequantised key
+        stored_sq = detail::store_key(key_format_, row_buf.data(), key_dim_, panel_at, lane,
+                                      nullptr, nullptr, true);
+      } else {  // int8: q and scale as given, the norm as store_key computes it
         const int8_t* src = static_cast<const int8_t*>(in.keys) + row * key_dim_;
-        uint32_t* dst = static_cast<uint32_t*>(keys_) + panel * words + lane;
+        uint32_t* dst = static_cast<uint32_t*>(panel_at) + lane;
         int32_t sum = 0;
         for (int64_t w = 0; w < words; ++w) {
           uint32_t word = 0;
@@ -187,18 +195,15 @@ void Memory::import_state(const State& in) {
         const float scale = in.key_scale[row];
         key_scale_[g * padded + slot] = scale;
         key_sum_[g * padded + slot] = sum;
-        for (int64_t d = 0; d < key_dim_; ++d) {
-          const float x = detail::int8_at(dst, kPanelSlots, d, scale);
-          stored_sq += x * x;
-        }
+        stored_sq = detail::sum_squares(key_dim_, [&](int64_t i) {
+          return static_cast<float>(
+                     static_cast<int8_t>(dst[(i / 4) * kPanelSlots] >> (8 * (i % 4)))) *
+                 scale;
+        });
       }
       std::memcpy(values_ + (g * capacity_ + slot) * value_dim_, in.values + row * value_dim_,
                   sizeof(float) * value_dim_);
-      const float sq = stored_sq;
-      key_aux_[g * padded + slot] = metric_ == Metric::kL2 ? sq
-                                    : metric_ == Metric::kCosine
-                                        ? (sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f)
-                                        : 0.0f;
+      key_aux_[g * padded + slot] = detail::aux_of(metric_, stored_sq);
     }
   });
   for (int64_t g = 0; g < grid_; ++g) written_[g] = in.written[g];

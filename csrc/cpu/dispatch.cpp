@@ -8,15 +8,21 @@
 
 #include "cpu/kernels.hpp"
 
+#if defined(KNNMEM_NEON_KERNELS) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 namespace knnmem::cpu {
 namespace {
 
 // Best first. The x86 variants exist only in x86-64 builds (CMakeLists.txt).
 const Kernel kKernels[] = {
 #ifdef KNNMEM_X86_KERNELS
-    {"avx512_vnni_bf16", scan_avx512dl},
-    {"avx512", scan_avx512},
-    {"avx2", scan_avx2},
+    {"avx512_vnni_bf16", scan_avx512dl}, {"avx512", scan_avx512}, {"avx2", scan_avx2},
+#endif
+#ifdef KNNMEM_NEON_KERNELS
+    {"neon_dotprod", scan_neon_dotprod}, {"neon", scan_neon},
 #endif
     {"portable", scan_portable},
 };
@@ -29,16 +35,30 @@ bool cpu_supports(const std::string& name) {
            (name == "avx512" ||
             (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")));
   }
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+#endif
+#ifdef KNNMEM_NEON_KERNELS
+  if (name == "neon") return true;  // Advanced SIMD is part of the aarch64 base ISA
+  if (name == "neon_dotprod") {
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return false;
+#endif
+  }
 #endif
   return name == "portable";
 }
 
 const Kernel* find(const std::string& name) {
-  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "portable") {
+  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "neon_dotprod" &&
+      name != "neon" && name != "portable") {
     throw InvalidArgument(
-        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'portable' (or '' for "
-        "automatic), got '" +
+        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'neon_dotprod', 'neon', "
+        "'portable' (or '' for automatic), got '" +
         name + "'");
   }
   for (const Kernel& k : kKernels) {
@@ -115,16 +135,6 @@ float squared_norm(const float* x, int64_t dim) {
   float s = 0.0f;
   for (int64_t i = 0; i < dim; ++i) s += x[i] * x[i];
   return s;
-}
-
-void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels) {
-  const int64_t num_panels = (n + kPanel - 1) / kPanel;
-  std::memset(panels, 0, sizeof(float) * num_panels * dim * kPanel);
-  for (int64_t j = 0; j < n; ++j) {
-    float* dst = panels + (j / kPanel) * dim * kPanel + j % kPanel;
-    const float* src = rows + j * stride;
-    for (int64_t i = 0; i < dim; ++i) dst[i * kPanel] = src[i];
-  }
 }
 
 }  // namespace knnmem::cpu

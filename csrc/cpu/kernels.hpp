@@ -98,14 +98,12 @@ std::vector<std::string> supported_kernels();
 // |x|^2, summed in order (used for key_aux).
 float squared_norm(const float* x, int64_t dim);
 
-// Copies rows [0, n) of a row-major block (row stride `stride`) into panel
-// layout at `panels` (ceil(n / kPanel) panels; missing slots are zeros).
-void pack_panels(const float* rows, int64_t n, int64_t stride, int64_t dim, float* panels);
-
 // Entry points of the variants (defined in scan_<name>.cpp).
 void scan_portable(const ScanArgs& args);
 void scan_avx2(const ScanArgs& args);
 void scan_avx512(const ScanArgs& args);
-void scan_avx512dl(const ScanArgs& args);  // avx512 + AVX512_BF16 and AVX512_VNNI
+void scan_avx512dl(const ScanArgs& args);      // avx512 + AVX512_BF16 and AVX512_VNNI
+void scan_neon(const ScanArgs& args);          // aarch64 Advanced SIMD
+void scan_neon_dotprod(const ScanArgs& args);  // + the dot-product extension (sdot)
 
 }  // namespace knnmem::cpu

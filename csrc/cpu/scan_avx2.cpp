@@ -1,5 +1,5 @@
-// AVX2 + FMA variant (8 lanes). Built with -mavx2 -mfma; only called when the
-// CPU reports both.
+// AVX2 + FMA variant (8 lanes). Built with -mavx2 -mfma -mf16c; only called
+// when the CPU reports all three.
 #include <immintrin.h>
 
 #include "cpu/kernels.hpp"
@@ -9,6 +9,8 @@ namespace {
 
 struct V {
   static constexpr int W = 8;
+  // vmaskmovps stores are slow on several x86 cores: blend and store instead
+  static constexpr bool kMaskedStores = false;
   static constexpr bool kNativeBF16 = false;
   using F = __m256;
   using I = __m256i;
@@ -16,6 +18,9 @@ struct V {
 
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }

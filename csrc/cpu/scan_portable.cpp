@@ -2,6 +2,7 @@
 // on x86-64 and NEON on aarch64. No FMA: products are rounded, then added.
 #include <cstring>
 
+#include "core/quantize.hpp"
 #include "cpu/kernels.hpp"
 
 namespace knnmem::cpu {
@@ -9,6 +10,7 @@ namespace {
 
 struct V {
   static constexpr int W = 4;
+  static constexpr bool kMaskedStores = false;
   static constexpr bool kNativeBF16 = false;
   typedef float F __attribute__((vector_size(16)));
   typedef int32_t I __attribute__((vector_size(16)));
@@ -21,6 +23,10 @@ struct V {
     return r;
   }
   static void store(float* p, F a) { std::memcpy(p, &a, sizeof(a)); }
+  static F load_f16(const uint16_t* p) {
+    return F{detail::from_f16(p[0]), detail::from_f16(p[1]), detail::from_f16(p[2]),
+             detail::from_f16(p[3])};
+  }
   static F set1(float x) { return F{x, x, x, x}; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static F mul(F a, F b) { return a * b; }

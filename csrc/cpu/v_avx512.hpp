@@ -9,18 +9,23 @@
 
 // GCC 12 warns about the undefined vectors inside its own intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace knnmem::cpu {
 namespace {
 
 struct VAvx512 {
   static constexpr int W = 16;
+  static constexpr bool kMaskedStores = true;
   using F = __m512;
   using I = __m512i;
   using M = __mmask16;
 
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }

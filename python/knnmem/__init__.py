@@ -6,7 +6,7 @@ res = mem.search(queries, k=32, recall_target=0.9)
 res.scores, res.indices, res.keys, res.values, res.mask
 """
 
-from . import _core, eval, ops
+from . import _core, cuda, eval, ops
 from ._arrays import check_int
 from ._core import get_num_threads
 from .memory import Memory, SearchResult
@@ -17,5 +17,5 @@ def set_num_threads(num_threads: int) -> None:
     _core.set_num_threads(check_int(num_threads, "num_threads", minimum=1, maximum=4096))
 
 
-__all__ = ["Memory", "SearchResult", "ops", "eval", "get_num_threads", "set_num_threads"]
+__all__ = ["Memory", "SearchResult", "ops", "eval", "cuda", "get_num_threads", "set_num_threads"]
 __version__ = "0.1.0"

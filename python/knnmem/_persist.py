@@ -29,6 +29,7 @@ MAX_HEADER = 100_000_000  # the safetensors limit
 KEY_DTYPES = {
     "float32": ("F32", np.float32),
     "bfloat16": ("BF16", np.uint16),
+    "float16": ("F16", np.uint16),
     "int8": ("I8", np.int8),
 }
 _CHUNK = 1 << 24  # bytes per write / read call
@@ -71,6 +72,10 @@ def _nbytes(np_dtype: type, shape: tuple[int, ...]) -> int:
 
 def save(mem: Memory, path: Any) -> None:
     path = _fspath(path)
+    if mem.device != "cpu":
+        raise NotImplementedError(
+            f"save: memories on {mem.device} cannot be saved yet; only device='cpu' ones"
+        )
     keys, key_scale, values, written = mem._core._export_state()  # one consistent snapshot
     arrays = {"keys": keys, "key_scale": key_scale, "values": values, "written": written}
     meta = {

@@ -15,9 +15,10 @@ a state fed the same rows as a knnmem.Memory gives bit-identical search results.
 
 search is the XLA FFI custom call ``knnmem_search`` on CPU: its handler (bindings/
 xla_ffi.cpp, part of knnmem._core) runs the same C++ kernels as knnmem.ops.search on
-XLA's buffers, zero-copy. Other backends (until the CUDA kernels land) run
-:func:`search_reference`, a pure-JAX implementation of the same strided-bin algorithm,
-which is also the reference the tests compare the custom call against.
+XLA's buffers, zero-copy. On TPU it is a Pallas kernel (knnmem.pallas, docs/pallas.md).
+Other backends (until the CUDA kernels land) run :func:`search_reference`, a pure-JAX
+implementation of the same strided-bin algorithm, which is also the reference the tests
+compare the custom call and the kernel against.
 
 Gradients: a search is a constant with respect to the memory. Indices, mask and the
 retrieved keys and values carry no gradient into the memory; ``res.scores`` is
@@ -50,7 +51,14 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _core
-from .memory import METRICS, SearchResult, check_search_args, check_sizes, normalize_shape
+from .memory import (
+    METRICS,
+    PRECISIONS,
+    SearchResult,
+    check_search_args,
+    check_sizes,
+    normalize_shape,
+)
 
 __all__ = [
     "MemoryState",
@@ -70,8 +78,8 @@ __all__ = [
 
 PLACEMENT_BLOCK = int(_core.PLACEMENT_BLOCK)
 _FFI_TARGET = "knnmem_search"
-_FFI_ABI_VERSION = 1
-IMPLS = ("auto", "ffi", "reference")
+_FFI_ABI_VERSION = 2
+IMPLS = ("auto", "ffi", "reference", "pallas")
 
 
 # -- the custom call -----------------------------------------------------------------------
@@ -93,6 +101,30 @@ def _register_ffi() -> str | None:
 
 
 _FFI_MISSING = _register_ffi()
+
+
+def _register_ffi_cuda() -> str | None:
+    """Registers the CUDA handler exported by knnmem._cuda; returns why not, or None."""
+    from . import cuda as _kcuda
+
+    if not _kcuda.built():
+        return _kcuda.unavailable_reason()
+    try:
+        lib = ctypes.CDLL(_kcuda._cuda.__file__)
+        handler = lib.KnnmemSearchCuda
+    except (OSError, AttributeError):
+        return "knnmem._cuda was built without the XLA FFI handler (jax was not found)"
+    jax.ffi.register_ffi_target(_FFI_TARGET_CUDA, jax.ffi.pycapsule(handler), platform="CUDA")
+    return None
+
+
+_FFI_TARGET_CUDA = "knnmem_search_cuda"
+_FFI_CUDA_MISSING = _register_ffi_cuda()
+
+
+def ffi_cuda_available() -> bool:
+    """True when the CUDA custom call is registered (knnmem._cuda built with jax's headers)."""
+    return _FFI_CUDA_MISSING is None
 
 
 def ffi_available() -> bool:
@@ -351,12 +383,14 @@ def reset(state: MemoryState, mask: Any = None) -> MemoryState:
 # -- search: reference implementation ------------------------------------------------------
 
 
-def _scores(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
-    """[G, Q, C] scores as the core defines them."""
+def _scores(queries: jax.Array, keys: jax.Array, metric: str, q_sq: Any = None) -> jax.Array:
+    """[G, Q, C] scores as the core defines them (q_sq: |q|^2 of the queries before any
+    rounding; by default of the queries given)."""
     dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
     if metric == "ip":
         return dot("gqd,gcd->gqc", queries, keys)
-    q_sq = jnp.sum(queries * queries, -1)
+    if q_sq is None:
+        q_sq = jnp.sum(queries * queries, -1)
     k_sq = jnp.sum(keys * keys, -1)
     if metric == "cosine":
         q = queries * jnp.where(q_sq > 0, lax.rsqrt(jnp.where(q_sq > 0, q_sq, 1)), 0)[..., None]
@@ -366,17 +400,41 @@ def _scores(queries: jax.Array, keys: jax.Array, metric: str) -> jax.Array:
     return -jnp.maximum(d2, 0)
 
 
-def _search_reference_flat(keys, values, written, queries, k, recall_target, metric):
+def _round_int8(x, levels):
+    """Rows rounded to `levels` steps of max|row| / levels (halves away from zero)."""
+    amax = jnp.max(jnp.abs(x), -1, keepdims=True)
+    r = x * jnp.where(amax > 0, levels / jnp.where(amax > 0, amax, 1), 0)
+    steps = jnp.clip(jnp.trunc(r + jnp.copysign(jnp.float32(0.5), r)), -levels, levels)
+    return steps * (amax / levels)
+
+
+def _rounded(keys, queries, metric, precision):
+    """(queries, keys, q_sq) as _scores takes them to score in `precision`: bfloat16
+    keys rounded to nearest even; int8 keys with a per-row scale max|k| / 127 and
+    7-bit queries, normalised first for cosine (then q_sq = 1). q_sq is |q|^2 of
+    the queries as given. Scores then match the core's to rounding."""
+    q_sq = jnp.sum(queries * queries, -1)
+    if precision == "bfloat16":
+        return queries, keys.astype(jnp.bfloat16).astype(jnp.float32), q_sq
+    if precision == "int8":
+        if metric == "cosine":
+            inv = jnp.where(q_sq > 0, lax.rsqrt(jnp.where(q_sq > 0, q_sq, 1)), 0)
+            queries, q_sq = queries * inv[..., None], jnp.ones_like(q_sq)
+        return _round_int8(queries, 63), _round_int8(keys, 127), q_sq
+    return queries, keys, q_sq
+
+
+def _search_reference_flat(keys, values, written, queries, k, recall_target, metric, precision):
     """The strided-bin search on [G, C, d] / [G, C, dv] / [G] / [G, Q, d] in pure JAX."""
     g, cap, _ = keys.shape
-    nq = queries.shape[1]
-    num_bins = int(_core.bins_for_recall(k, recall_target))
+    num_bins = int(_core.bins_for_search(k, recall_target, precision))
     w = written.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     offset_of = jnp.asarray(_offset_table(cap))
     live = (w[:, None] >= cap) | (offset_of[None, :] < w[:, None])  # [G, C]
     held = jnp.minimum(w, cap)
     neg_inf = jnp.float32(-jnp.inf)
-    s = _scores(queries, keys, metric)
+    rq, rk, q_sq = _rounded(keys, queries, metric, precision)
+    s = _scores(rq, rk, metric, q_sq)
     s = jnp.where(live[:, None, :] & ~jnp.isnan(s), s, neg_inf)
 
     def exact(s):
@@ -389,15 +447,7 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
         nb = num_bins
         rows = -(-cap // nb)
         pad = rows * nb - cap
-        sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
-        sp = sp.reshape(g, nq, rows, nb)
-        best = jnp.max(sp, axis=2)  # [G, Q, L]
-        row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
-        bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
-        bin_slot = jnp.where(best > neg_inf, bin_slot, jnp.int32(2**31 - 1))
-        # best k of the bin winners, ordered by (score desc, slot asc)
-        neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
-        top, slot = -neg[..., :k], srt[..., :k]
+        top, slot = _top_of_bins(*_bin_winners(s, nb), k)
         # bins that hold a live slot (the same for every query)
         livep = jnp.pad(live, ((0, 0), (0, pad))).reshape(g, rows, nb)
         occupied = jnp.sum(jnp.any(livep, axis=1), axis=-1)
@@ -409,12 +459,39 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
             ),
             lambda: (top, slot),
         )
-    mask = top > neg_inf
+    return _results(top, slot, keys, values, w, offset_of)
+
+
+def _bin_winners(s: jax.Array, nb: int) -> tuple[jax.Array, jax.Array]:
+    """Scores [G, Q, C] -> each strided bin's (best score, slot) [G, Q, nb], bin = slot
+    mod nb; ties to the lowest slot; slot 2**31 - 1 where the bin holds only -inf."""
+    g, nq, cap = s.shape
+    rows = -(-cap // nb)
+    pad = rows * nb - cap
+    sp = jnp.pad(s, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
+    sp = sp.reshape(g, nq, rows, nb)
+    best = jnp.max(sp, axis=2)  # [G, Q, L]
+    row = jnp.argmax(sp, axis=2).astype(jnp.int32)  # first max: lowest slot
+    bin_slot = row * nb + jnp.arange(nb, dtype=jnp.int32)
+    return best, jnp.where(best > -jnp.inf, bin_slot, jnp.int32(2**31 - 1))
+
+
+def _top_of_bins(best: jax.Array, bin_slot: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The best k of the bin winners, ordered by (score desc, slot asc)."""
+    neg, srt = lax.sort((-best, bin_slot), dimension=-1, num_keys=2)
+    return -neg[..., :k], srt[..., :k]
+
+
+def _results(top, slot, keys, values, w, offset_of):
+    """(scores, indices, keys, values, mask) from the k best (score, slot) per query."""
+    g, nq, k = top.shape
+    cap = keys.shape[1]
+    mask = top > -jnp.inf
     slot = jnp.where(mask, slot, 0)
     r = offset_of[slot].astype(w.dtype)
     pos = r + cap * ((w[:, None, None] - 1 - r) // cap)
     indices = jnp.where(mask, pos, -1).astype(w.dtype)
-    scores = jnp.where(mask, top, neg_inf)
+    scores = jnp.where(mask, top, -jnp.inf)
     flat = slot.reshape(g, nq * k, 1)
     rk = jnp.take_along_axis(keys, flat, axis=1).reshape(g, nq, k, -1)
     rv = jnp.take_along_axis(values, flat, axis=1).reshape(g, nq, k, -1)
@@ -423,7 +500,8 @@ def _search_reference_flat(keys, values, written, queries, k, recall_target, met
     return scores, indices, rk, rv, mask
 
 
-def _flat_call(fn, keys, values, written, queries, k, recall_target, metric):
+def _flat_call(fn, keys, values, written, queries, *static):
+    """fn on the grid flattened to one axis (static: its further arguments)."""
     shape = tuple(written.shape)
     g = math.prod(shape)
     cap, d = keys.shape[-2:]
@@ -432,9 +510,7 @@ def _flat_call(fn, keys, values, written, queries, k, recall_target, metric):
         values.reshape(g, cap, values.shape[-1]),
         written.reshape(g),
         queries.reshape(g, *queries.shape[-2:]),
-        k,
-        recall_target,
-        metric,
+        *static,
     )
     return tuple(o.reshape(shape + o.shape[1:]) for o in out)
 
@@ -459,7 +535,7 @@ def _varying_axes(x: Any) -> frozenset:
     return frozenset(getattr(t, "vma", ()))
 
 
-def _search_ffi(keys, values, written, queries, k, recall_target, metric):
+def _search_ffi(keys, values, written, queries, k, recall_target, metric, precision):
     call = jax.ffi.ffi_call(
         _FFI_TARGET,
         _result_types(keys, values, written, queries, k),
@@ -473,10 +549,15 @@ def _search_ffi(keys, values, written, queries, k, recall_target, metric):
         k=np.int64(k),
         recall_target=np.float64(recall_target),
         metric=metric,
+        precision=precision,
     )
+    return _vary_like(out, (keys, values, written, queries))
+
+
+def _vary_like(out, operands) -> tuple:
     # Inside shard_map the results vary along every axis an operand varies along (the
     # custom call's abstract evaluation does not say so).
-    axes = frozenset().union(*map(_varying_axes, (keys, values, written, queries)))
+    axes = frozenset().union(*map(_varying_axes, operands))
     return tuple(
         lax.pcast(o, tuple(sorted(axes - _varying_axes(o), key=str)), to="varying")
         if axes - _varying_axes(o)
@@ -485,28 +566,98 @@ def _search_ffi(keys, values, written, queries, k, recall_target, metric):
     )
 
 
-def _search_ref(keys, values, written, queries, k, recall_target, metric):
+def _search_ffi_cuda(keys, values, written, queries, k, recall_target, metric, precision):
+    """The CUDA custom call (bindings/xla_ffi_cuda.cpp) on XLA's stream; its workspace
+    is one more result, so XLA allocates it with the others. float32 scoring only:
+    other precisions take the reference (docs/cuda.md)."""
+    from . import cuda as _kcuda
+
+    if precision != "float32":
+        return _search_ref(keys, values, written, queries, k, recall_target, metric, precision)
+    grid = math.prod(written.shape)
+    capacity, key_dim = keys.shape[-2], keys.shape[-1]
+    ws = _kcuda._cuda.search_workspace_bytes(
+        grid, capacity, key_dim, queries.shape[-2], k, recall_target, jnp.dtype(keys.dtype).name
+    )
+    offset_of = jnp.asarray(_offset_table(capacity))
+    call = jax.ffi.ffi_call(
+        _FFI_TARGET_CUDA,
+        (
+            *_result_types(keys, values, written, queries, k),
+            jax.ShapeDtypeStruct((max(ws, 1),), jnp.uint8),
+        ),
+    )
+    out = call(
+        keys,
+        values,
+        written,
+        queries,
+        offset_of,
+        k=np.int64(k),
+        recall_target=np.float64(recall_target),
+        metric=metric,
+    )
+    return _vary_like(out[:5], (keys, values, written, queries))
+
+
+def _search_ref(keys, values, written, queries, k, recall_target, metric, precision):
     return _flat_call(
-        _search_reference_flat, keys, values, written, queries, k, recall_target, metric
+        _search_reference_flat, keys, values, written, queries, k, recall_target, metric, precision
     )
 
 
+def _search_pallas(keys, values, written, queries, k, recall_target, metric, interpret=False):
+    from .pallas import search_flat  # the Pallas TPU kernel (knnmem/pallas/)
+
+    fn = functools.partial(search_flat, interpret=interpret)
+    return _flat_call(fn, keys, values, written, queries, k, recall_target, metric)
+
+
+@functools.lru_cache(maxsize=1)
+def _pallas_importable() -> bool:
+    try:
+        from . import pallas  # noqa: F401
+    except ImportError:  # pragma: no cover - a jax without Pallas TPU
+        return False
+    return True
+
+
+def _search_tpu(keys, values, written, queries, k, recall_target, metric, precision):
+    """search(impl="auto")'s TPU branch (traced on every platform): the Pallas kernel,
+    or the reference where this jax has no Pallas TPU or the keys are scored rounded
+    (precision other than float32: not in the kernel yet)."""
+    args = (keys, values, written, queries, k, recall_target, metric)
+    if precision == "float32" and _pallas_importable():
+        return _search_pallas(*args)
+    return _search_ref(*args, precision)
+
+
 @functools.lru_cache(maxsize=256)
-def _raw_search(k: int, recall_target: float, metric: str, impl: str):
+def _raw_search(k: int, recall_target: float, metric: str, precision: str, impl: str):
     """search(keys, values, written, queries) -> 5 arrays, for fixed static arguments,
     with a batching rule: extra leading dims of the memory join the grid; queries
     batched over an unbatched memory join the query axis (the memory is not copied)."""
 
     def run(keys, values, written, queries):
-        args = (keys, values, written, queries, k, recall_target, metric)
-        if impl == "reference" or (impl == "auto" and not ffi_available()):
+        args = (keys, values, written, queries, k, recall_target, metric, precision)
+        if impl == "reference":
             return _search_ref(*args)
         if impl == "ffi":
             return _search_ffi(*args)
+        if impl == "pallas":  # compiled on TPU, interpreted elsewhere
+            return lax.platform_dependent(
+                *args[:4],
+                tpu=lambda *a: _search_pallas(*a, k, recall_target, metric),
+                default=lambda *a: _search_pallas(*a, k, recall_target, metric, interpret=True),
+            )
+        # CUDA: the custom call of knnmem._cuda when it is built with its XLA handler.
+        cuda = {"cuda": lambda *a: _search_ffi_cuda(*a, *args[4:])} if ffi_cuda_available() else {}
         return lax.platform_dependent(
             *args[:4],
-            cpu=lambda *a: _search_ffi(*a, k, recall_target, metric),
-            default=lambda *a: _search_ref(*a, k, recall_target, metric),
+            cpu=lambda *a: (_search_ffi if ffi_available() else _search_ref)(*a, *args[4:]),
+            tpu=lambda *a: _search_tpu(*a, *args[4:]),
+            **cuda,
+            default=lambda *a: _search_ref(*a, *args[4:]),
         )
 
     @jax.custom_batching.custom_vmap
@@ -573,10 +724,10 @@ def _gather_last(x, axis, shard, shards):
     return lax.psum(placed, axis).reshape(*x.shape[:-1], shards * x.shape[-1])
 
 
-def _local_search(state, queries, k, recall_target, metric, impl, capacity_axis):
+def _local_search(state, queries, k, recall_target, metric, precision, impl, capacity_axis):
     shard, shards = _shard_position(capacity_axis)
     written = _local_written(state.written, shard, shards)
-    raw = _raw_search(k, recall_target, metric, impl)
+    raw = _raw_search(k, recall_target, metric, precision, impl)
     scores, indices, rk, rv, mask = raw(
         lax.stop_gradient(state.keys),
         lax.stop_gradient(state.values),
@@ -610,6 +761,7 @@ def search(
     k: int = 32,
     recall_target: float = 0.9,
     *,
+    precision: str = "float32",
     impl: str = "auto",
     capacity_axis: Any = None,
 ) -> SearchResult:
@@ -617,25 +769,38 @@ def search(
 
     Returns a SearchResult like knnmem.Memory.search (scores, indices, keys, values,
     mask; indices have the dtype of state.written). ``recall_target=1.0`` is exact.
-    impl: "auto" (the custom call on CPU, the reference elsewhere), "ffi" (CPU only) or
-    "reference" (pure JAX). capacity_axis: inside shard_map, the mesh axis over which
-    each memory's capacity is spread (k may be at most the per-device capacity).
+    impl: "auto" (the custom call on CPU, the Pallas kernel on TPU, the CUDA custom
+    call on GPUs when knnmem._cuda is built with its XLA handler (docs/cuda.md), the
+    reference elsewhere), "ffi" (CPU only), "reference" (pure JAX) or "pallas" (the TPU kernel;
+    run by the Pallas interpreter off TPU: slow, for tests). capacity_axis: inside
+    shard_map, the mesh axis over which each memory's capacity is spread (k may be at
+    most the per-device capacity).
+    precision: "float32", or "bfloat16" / "int8" to score the keys rounded to that
+    format as knnmem.ops.search does (2-3x faster on CPU for blocks of queries; the
+    returned keys stay the stored rows; the reference matches the custom call to
+    rounding; the Pallas kernel takes float32 only, so on TPU these use the reference).
     Results are constants w.r.t. the memory; scores are differentiable w.r.t. queries."""
     state = _check_state(state)
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if impl == "pallas" and precision != "float32":
+        raise ValueError(f"precision: impl='pallas' scores float32 keys, got {precision!r}")
     if impl == "ffi" and not ffi_available():
         raise RuntimeError(f"impl='ffi': {_FFI_MISSING}")
     k, recall_target = check_search_args(k, recall_target, state.capacity)
     queries = _check_rows(
         queries, "queries", state.shape, None, state.key_dim, "key_dim", rows_name="Q"
     )
-    return _search(state, queries, k, recall_target, impl, capacity_axis)
+    return _search(state, queries, k, recall_target, precision, impl, capacity_axis)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _search(state, queries, k, recall_target, impl, capacity_axis):
-    out = _local_search(state, queries, k, recall_target, state.metric, impl, capacity_axis)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _search(state, queries, k, recall_target, precision, impl, capacity_axis):
+    out = _local_search(
+        state, queries, k, recall_target, state.metric, precision, impl, capacity_axis
+    )
     scores, indices, rk, rv, mask = out
     scores = _scores_for_queries(scores, queries, rk, state.metric)
     return SearchResult(scores, indices, rk, rv, mask)
@@ -675,6 +840,7 @@ def sharded_search(
     *,
     batch_axis: Any = None,
     capacity_axis: Any = None,
+    precision: str = "float32",
     impl: str = "auto",
 ) -> SearchResult:
     """search() under jax.shard_map over `mesh`: the grid's first axis split over
@@ -684,7 +850,9 @@ def sharded_search(
     res_spec = SearchResult(*(_grid_spec(e, n, batch_axis) for e in (2, 2, 3, 3, 2)))
 
     def body(s, q):
-        return search(s, q, k, recall_target, impl=impl, capacity_axis=capacity_axis)
+        return search(
+            s, q, k, recall_target, precision=precision, impl=impl, capacity_axis=capacity_axis
+        )
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(specs, _grid_spec(2, n, batch_axis)), out_specs=res_spec

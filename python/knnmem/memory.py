@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core, _persist
+from . import _core, _persist, cuda
 from ._arrays import (
     INT64_MAX,
     as_array,
@@ -18,7 +18,9 @@ from ._arrays import (
     to_framework,
 )
 
-KEY_DTYPES = ("float32", "bfloat16", "int8")
+KEY_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# Formats a search can score float32 rows in (knnmem.ops / jax / torch precision=).
+PRECISIONS = ("float32", "bfloat16", "int8")
 METRICS = ("ip", "cosine", "l2")
 
 
@@ -101,7 +103,9 @@ class Memory:
         capacity: rows each memory holds; older rows are overwritten first.
         key_dim, value_dim: row widths (value_dim defaults to key_dim).
         dtype: key storage. "float32"; "bfloat16" (half the bytes; scored with
-            bfloat16 dot products where the CPU has AVX512_BF16); "int8" (a quarter
+            bfloat16 dot products where the CPU has AVX512_BF16); "float16" (half the
+            bytes, 11-bit precision, widened to float32 for the dot products; keys
+            must lie within +-65504); "int8" (a quarter
             of the bytes: per-row scale, 7-bit queries, integer dot products, VNNI
             where the CPU has it). Keys come back as stored (rounded / dequantised)
             float32; quantised memories choose their bins for a fifth less missing
@@ -109,6 +113,10 @@ class Memory:
             are stored as float32. Inputs of float16, bfloat16, float32 and float64
             are accepted and converted.
         metric: "ip" (inner product), "cosine", or "l2" (scores are -|q - k|^2).
+        device: "cpu" (default), or "cuda" / "cuda:N" to hold the memory on a GPU
+            (knnmem.cuda; dtype "float32", "bfloat16" or "float16"). CUDA torch
+            tensors are used in place and give CUDA tensor results; other inputs are
+            copied. See docs/cuda.md.
 
     Thread safety: searches may run concurrently from many threads; add and
     clear wait for running searches and vice versa, so every call sees the
@@ -124,8 +132,10 @@ class Memory:
         value_dim: int | None = None,
         dtype: str = "float32",
         metric: str = "ip",
+        device: Any = "cpu",
     ) -> None:
         self._shape = normalize_shape(shape)
+        self._device = cuda.parse_device(device)
         capacity, key_dim, value_dim = check_sizes(capacity, key_dim, value_dim)
         if not isinstance(dtype, str) and dtype is not None:
             try:
@@ -133,13 +143,15 @@ class Memory:
             except TypeError:
                 raise TypeError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}") from None
         if dtype not in KEY_DTYPES:
-            raise ValueError(
-                f"dtype: expected one of {KEY_DTYPES} (float16 key storage is not "
-                f"implemented yet), got {dtype!r}"
-            )
+            raise ValueError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}")
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self._dtype = dtype
+        if self._device is not None:
+            self._core = cuda.DeviceCore(
+                math.prod(self._shape), capacity, key_dim, value_dim, metric, dtype, self._device
+            )
+            return
         self._core = _core.Memory(
             math.prod(self._shape), capacity, key_dim, value_dim, metric, dtype
         )
@@ -170,6 +182,11 @@ class Memory:
         return self._core.metric
 
     @property
+    def device(self) -> str:
+        """ "cpu" or "cuda:N": where the memory's storage lives."""
+        return "cpu" if self._device is None else f"cuda:{self._device}"
+
+    @property
     def nbytes(self) -> int:
         """Bytes of storage the memory holds (allocated up front)."""
         return self._core.nbytes
@@ -189,7 +206,9 @@ class Memory:
         return (
             f"knnmem.Memory(shape={self._shape}, capacity={self.capacity}, "
             f"key_dim={self.key_dim}, value_dim={self.value_dim}, dtype={self._dtype!r}, "
-            f"metric={self.metric!r})"
+            f"metric={self.metric!r}"
+            + ("" if self._device is None else f", device={self.device!r}")
+            + ")"
         )
 
     # -- operations -------------------------------------------------------------
@@ -200,6 +219,9 @@ class Memory:
         (positions still advance by T). All-or-nothing: bad input raises and
         changes nothing.
         """
+        if self._device is not None:
+            self._core.add(self._shape, keys, values)
+            return
         keys = as_float32(keys, "keys")
         values = as_float32(values, "values")
         t = check_grid_array(keys, "keys", self._shape, None, self.key_dim, "T", "key_dim")
@@ -223,6 +245,13 @@ class Memory:
         """
         framework = framework_of(queries)
         k, recall_target = check_search_args(k, recall_target, self.capacity)
+        if self._device is not None:
+            if out is not None:
+                raise ValueError("out: not supported by CUDA memories")
+            raw = self._core.search(self._shape, queries, k, recall_target)
+            if isinstance(raw[0], np.ndarray):
+                raw = tuple(to_framework(a, framework) for a in raw)
+            return SearchResult(*raw)
         q = as_float32(queries, "queries")
         nq = check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
         if out is None:

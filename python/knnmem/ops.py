@@ -24,6 +24,7 @@ from . import _core
 from ._arrays import INT64_MAX, as_array, as_float32, check_grid_array, framework_of, index_str
 from .memory import (
     METRICS,
+    PRECISIONS,
     SearchResult,
     check_search_args,
     check_sizes,
@@ -140,8 +141,16 @@ def search(
     k: int = 32,
     recall_target: float = 0.9,
     metric: str = "ip",
+    precision: str = "float32",
 ) -> SearchResult:
-    """knnmem.Memory.search on a caller-owned grid (see the module docstring)."""
+    """knnmem.Memory.search on a caller-owned grid (see the module docstring).
+
+    precision: the format keys are scored in -- "float32", or "bfloat16" / "int8",
+    which round each key as a knnmem.Memory of that dtype stores it (bins chosen
+    as for that dtype) while the returned keys stay the stored float32 rows. The
+    rounding is redone every search (O(capacity * key_dim), amortised over the
+    queries), so it pays off for blocks of queries, not for one query at a time.
+    """
     framework = framework_of(queries)
     keys = as_float32(keys, "keys")
     values = as_float32(values, "values")
@@ -150,9 +159,11 @@ def search(
     written = written.astype(np.int64, copy=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     shape, k_, v_, w_ = _ring(keys, values, written)
     k, recall_target = check_search_args(k, recall_target, k_.shape[1])
     q = as_float32(queries, "queries")
     check_grid_array(q, "queries", shape, None, k_.shape[-1], "Q", "key_dim")
-    raw = _core.search(k_, v_, w_, q, k, recall_target, metric)
+    raw = _core.search(k_, v_, w_, q, k, recall_target, metric, precision)
     return wrap_result(raw, shape, framework)

@@ -14,8 +14,10 @@ torch.compile, export and checkpoints see everything:
     written [*shape]                      int64: rows added since the last clear
 
 CPU tensors go to the C++ core zero-copy (through ``Tensor.numpy()`` views).
-Tensors on other devices run a pure-torch implementation of the same
-strided-bin algorithm (knnmem.torch_reference) until the CUDA kernels land.
+CUDA tensors run the CUDA kernels of knnmem._cuda on torch's current stream
+(when knnmem was built with them and a GPU is usable, see knnmem.cuda); tensors
+on other devices, or CUDA without that build, run a pure-torch implementation
+of the same strided-bin algorithm (knnmem.torch_reference).
 Each op has a fake (meta) implementation, so torch.compile(fullgraph=True)
 traces them without graph breaks. ``scores`` is differentiable with respect to
 ``queries`` (the memory and the returned keys/values are constants).
@@ -41,10 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
+from . import cuda as _kcuda
 from . import torch_reference as _reference
 from ._arrays import as_float32
 from .memory import (
     METRICS,
+    PRECISIONS,
     SearchResult,
     check_search_args,
     check_sizes,
@@ -67,6 +71,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Device types whose tensors the C++ core serves (zero-copy); the rest run
 # knnmem.torch_reference. Tests empty it to run the reference path on CPU.
 _CORE_DEVICES = ("cpu",)
+# CUDA tensors run the CUDA kernels of knnmem._cuda when they are built and a device
+# is usable (knnmem.cuda.available()); tests turn this off to run the reference there.
+_CUDA_KERNELS = True
+
+
+def _use_cuda_kernels(t: Tensor) -> bool:
+    return t.device.type == "cuda" and _CUDA_KERNELS and _kcuda.available()
 
 
 # -- argument checks (metadata only: they run on fake tensors too) ------------------------------
@@ -153,10 +164,12 @@ def _check_rows(
     return x.shape[-2]
 
 
-def _check_search(keys, values, written, queries, k, recall_target, metric) -> tuple:
+def _check_search(keys, values, written, queries, k, recall_target, metric, precision) -> tuple:
     shape, capacity, key_dim, value_dim = _check_ring(keys, values, written, in_place=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     k, recall_target = check_search_args(k, recall_target, capacity)
     nq = _check_rows(queries, "queries", shape, None, key_dim, "Q", "key_dim", keys.device)
     return shape, nq, k, recall_target, key_dim, value_dim
@@ -214,11 +227,11 @@ def _np_ring(keys: Tensor, values: Tensor, written: Tensor) -> tuple:
     )
 
 
-def _search_cpu(keys, values, written, queries, k, recall_target, metric):
+def _search_cpu(keys, values, written, queries, k, recall_target, metric, precision):
     shape = tuple(written.shape)
     k_np, v_np, w_np = _np_ring(keys.contiguous(), values.contiguous(), written.contiguous())
     q = _f32_numpy(queries, "queries")
-    raw = _core.search(k_np, v_np, w_np, q, k, recall_target, metric)
+    raw = _core.search(k_np, v_np, w_np, q, k, recall_target, metric, precision)
     return tuple(torch.from_numpy(a).reshape(*shape, *a.shape[1:]) for a in raw)
 
 
@@ -231,23 +244,27 @@ def search(
     k: int = 32,
     recall_target: float = 0.9,
     metric: str = "ip",
+    precision: str = "float32",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Top-k of queries [*shape, Q, key_dim] in the ring (keys, values, written);
     returns (scores [*shape, Q, k] float32, indices int64 stream positions,
     keys [*shape, Q, k, key_dim], values [*shape, Q, k, value_dim], mask bool),
-    as knnmem.ops.search. recall_target=1.0 is exact."""
-    _check_search(keys, values, written, queries, k, recall_target, metric)
+    as knnmem.ops.search. recall_target=1.0 is exact. precision "bfloat16" or
+    "int8" scores the keys rounded to that format (see knnmem.ops.search)."""
+    _check_search(keys, values, written, queries, k, recall_target, metric, precision)
     if keys.device.type in _CORE_DEVICES:
-        return _search_cpu(keys, values, written, queries, k, recall_target, metric)
-    # Other devices (CUDA until its kernels land): the same algorithm in torch ops.
+        return _search_cpu(keys, values, written, queries, k, recall_target, metric, precision)
     _check_finite(queries, "queries")
-    return _reference.search(keys, values, written, queries, k, recall_target, metric)
+    if precision == "float32" and _use_cuda_kernels(keys):
+        return _kcuda.torch_search(keys, values, written, queries, k, recall_target, metric)
+    # Other devices (and CUDA with precision bfloat16/int8): the same algorithm in torch ops.
+    return _reference.search(keys, values, written, queries, k, recall_target, metric, precision)
 
 
 @search.register_fake
-def _(keys, values, written, queries, k=32, recall_target=0.9, metric="ip"):
+def _(keys, values, written, queries, k=32, recall_target=0.9, metric="ip", precision="float32"):
     shape, nq, k, _, key_dim, value_dim = _check_search(
-        keys, values, written, queries, k, recall_target, metric
+        keys, values, written, queries, k, recall_target, metric, precision
     )
     dims = (*shape, nq, k)
     return (
@@ -288,7 +305,7 @@ def _search_backward(ctx, grad_scores, *_):
     else:  # l2: score = -max(0, |q - k|^2)
         g = torch.where(scores < 0, g, 0.0)
         grad = -2.0 * (g.sum(-1, keepdim=True) * q - torch.einsum("...qk,...qkd->...qd", g, keys))
-    return None, None, None, grad.to(ctx.query_dtype), None, None, None
+    return None, None, None, grad.to(ctx.query_dtype), None, None, None, None
 
 
 search.register_autograd(_search_backward, setup_context=_search_setup_context)
@@ -323,6 +340,9 @@ def add(
         raise ValueError("written: expected counts >= 0")
     if bool((written > 2**63 - 1 - nk.shape[-2]).any()):
         raise ValueError("new_keys: adding them overflows the 64-bit position counter")
+    if _use_cuda_kernels(keys):
+        _kcuda.torch_add(keys, values, written, nk, nv)
+        return
     _reference.add(keys, values, written, nk, nv)
 
 
@@ -357,8 +377,13 @@ class KNNMemory(nn.Module):
     Keys and values are stored as float32 whatever the module's dtype: ``.half()``
     or ``.to(torch.bfloat16)`` move the buffers but keep them float32, and
     float16/bfloat16/float64 inputs are converted. CPU buffers are searched by
-    the C++ core zero-copy; buffers on other devices by knnmem.torch_reference.
+    the C++ core zero-copy; CUDA buffers by the CUDA kernels (knnmem.cuda) when
+    built, buffers on other devices by knnmem.torch_reference.
     Nothing flows back into the memory: add() stores detached rows.
+
+    precision: "float32", or "bfloat16" / "int8" to score the keys rounded to that
+    format (2-3x faster searches for blocks of queries at the same recall bar; the
+    returned keys stay the stored float32 rows). See knnmem.ops.search.
     """
 
     keys: Tensor
@@ -373,6 +398,7 @@ class KNNMemory(nn.Module):
         value_dim: Optional[int] = None,
         metric: str = "ip",
         *,
+        precision: str = "float32",
         device: Any = None,
     ) -> None:
         super().__init__()
@@ -380,7 +406,9 @@ class KNNMemory(nn.Module):
         self.capacity, self.key_dim, self.value_dim = check_sizes(capacity, key_dim, value_dim)
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-        self.metric = metric
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.metric, self.precision = metric, precision
         for name, dims, dtype in (
             ("keys", (*self.shape, self.capacity, self.key_dim), torch.float32),
             ("values", (*self.shape, self.capacity, self.value_dim), torch.float32),
@@ -397,7 +425,7 @@ class KNNMemory(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"shape={self.shape}, capacity={self.capacity}, key_dim={self.key_dim}, "
-            f"value_dim={self.value_dim}, metric={self.metric!r}"
+            f"value_dim={self.value_dim}, metric={self.metric!r}, precision={self.precision!r}"
         )
 
     def _apply(self, fn, recurse=True):  # keeps the storage float32 under .half() etc.
@@ -424,7 +452,14 @@ class KNNMemory(nn.Module):
         on the memory's device (scores differentiable w.r.t. queries)."""
         k, recall_target = check_search_args(k, recall_target, self.capacity)
         out = torch.ops.knnmem.search(
-            self.keys, self.values, self.written, queries, k, recall_target, self.metric
+            self.keys,
+            self.values,
+            self.written,
+            queries,
+            k,
+            recall_target,
+            self.metric,
+            self.precision,
         )
         return SearchResult(*out)
 

@@ -87,15 +87,35 @@ def add(
     written.add_(t)
 
 
-def _scores(k: torch.Tensor, q: torch.Tensor, metric: str, key_aux: torch.Tensor) -> torch.Tensor:
-    """[G, Q, C] float32 scores as the core computes them."""
+def _scores(
+    k: torch.Tensor, q: torch.Tensor, metric: str, key_aux: torch.Tensor, q_sq: torch.Tensor
+) -> torch.Tensor:
+    """[G, Q, C] float32 scores as the core computes them (q_sq: |q|^2 of the
+    queries before any rounding, for l2)."""
     dots = torch.bmm(q, k.transpose(1, 2))
     if metric == "ip":
         return dots
     if metric == "cosine":
         return dots * key_aux[:, None, :]
-    q_sq = (q * q).sum(-1)
     return -(q_sq[:, :, None] + key_aux[:, None, :] - 2.0 * dots).clamp_min(0.0)
+
+
+def _round_int8(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Rows rounded to `levels` steps of max|row| / levels (halves away from zero)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    r = x * torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
+    steps = torch.trunc(r + torch.copysign(torch.full_like(r, 0.5), r)).clamp(-levels, levels)
+    return steps * (amax / levels)
+
+
+def _round_keys(keys: torch.Tensor, precision: str) -> torch.Tensor:
+    """Keys as the core scores them in `precision` (bfloat16: rounded to nearest
+    even; int8: per-row scale max|k| / 127)."""
+    if precision == "bfloat16":
+        return keys.to(torch.bfloat16).to(torch.float32)
+    if precision == "int8":
+        return _round_int8(keys, 127)
+    return keys
 
 
 def _order_keys(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -122,10 +142,13 @@ def search(
     k: int,
     recall_target: float,
     metric: str,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Strided-bin search of queries [*shape, Q, key_dim] in the ring; returns
     (scores, indices, keys, values, mask) shaped like knnmem.SearchResult. No
-    argument checks (knnmem.torch checks before calling)."""
+    argument checks (knnmem.torch checks before calling). precision "bfloat16" /
+    "int8" scores rounded keys (and 7-bit queries for int8) as the core does;
+    their scores match the core's to rounding, not bit for bit."""
     shape = tuple(written.shape)
     grid = written.numel()
     capacity, key_dim = keys.shape[-2], keys.shape[-1]
@@ -140,17 +163,21 @@ def search(
     _, offset_of = placement(capacity, device)
     live = offset_of[None, :] < w[:, None]  # [G, C]
     n = torch.clamp(w, max=capacity)
-    num_bins = _eval.bins_for_recall(k, recall_target)
+    num_bins = _eval.bins_for_search(k, recall_target, precision)
+    sk = _round_keys(kk, precision)  # what is scored; kk is what is returned
 
     if metric == "cosine":
         q_sq = (q * q).sum(-1, keepdim=True)
         q = torch.where(q_sq > 0, q * torch.rsqrt(q_sq.clamp_min(1e-38)), q)
-        k_sq = (kk * kk).sum(-1)
+        k_sq = (sk * sk).sum(-1)
         key_aux = torch.where(k_sq > 0, 1.0 / torch.sqrt(k_sq), torch.zeros_like(k_sq))
     elif metric == "l2":
-        key_aux = (kk * kk).sum(-1)
+        key_aux = (sk * sk).sum(-1)
     else:
         key_aux = kk.new_zeros(())
+    q_sq = (q * q).sum(-1)
+    if precision == "int8":
+        q = _round_int8(q, 63)
 
     # Memories answered by bins: L > 0, L < n, and at least min(k, n) bins hold a row.
     bins = None
@@ -167,7 +194,7 @@ def search(
     chunk = max(1, _SCORE_BLOCK // max(1, grid * capacity))
     for q0 in range(0, nq, chunk):
         q1 = min(nq, q0 + chunk)
-        s = _scores(kk, q[:, q0:q1], metric, key_aux)
+        s = _scores(sk, q[:, q0:q1], metric, key_aux, q_sq[:, q0:q1])
         order = _order_keys(s, live)  # [G, q, C]
         top = order.topk(k, dim=-1).values
         if use_bins:

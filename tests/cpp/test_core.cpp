@@ -127,8 +127,8 @@ void test_state_round_trip() {
   for (float& x : keys) x = normal(rng);
   for (float& x : values) x = normal(rng);
   for (float& x : q) x = normal(rng);
-  for (auto format :
-       {knnmem::KeyFormat::kFloat32, knnmem::KeyFormat::kBFloat16, knnmem::KeyFormat::kInt8}) {
+  for (auto format : {knnmem::KeyFormat::kFloat32, knnmem::KeyFormat::kBFloat16,
+                      knnmem::KeyFormat::kFloat16, knnmem::KeyFormat::kInt8}) {
     for (auto metric :
          {knnmem::Metric::kInnerProduct, knnmem::Metric::kCosine, knnmem::Metric::kL2}) {
       knnmem::Memory a(grid, capacity, dim, vdim, metric, format);
@@ -137,9 +137,9 @@ void test_state_round_trip() {
       const uint8_t which[grid] = {0, 1, 0};
       a.clear(which);
       a.add(keys.data(), values.data(), 5);
-      const int64_t key_bytes = format == knnmem::KeyFormat::kFloat32    ? 4
-                                : format == knnmem::KeyFormat::kBFloat16 ? 2
-                                                                         : 1;
+      const int64_t key_bytes = format == knnmem::KeyFormat::kFloat32 ? 4
+                                : format == knnmem::KeyFormat::kInt8  ? 1
+                                                                      : 2;
       std::vector<char> sk(grid * capacity * dim * key_bytes);
       std::vector<float> ss(grid * capacity), sv(grid * capacity * vdim);
       std::vector<int64_t> sw(grid);

@@ -167,9 +167,9 @@ void clearer(Shared& s, uint32_t seed) {
 // export_state (what save uses) concurrently with everything else: a consistent
 // snapshot of whole rows, each in the cell it was added to.
 void exporter(Shared& s) {
-  const int64_t key_bytes = s.format == knnmem::KeyFormat::kFloat32    ? 4
-                            : s.format == knnmem::KeyFormat::kBFloat16 ? 2
-                                                                       : 1;
+  const int64_t key_bytes = s.format == knnmem::KeyFormat::kFloat32 ? 4
+                            : s.format == knnmem::KeyFormat::kInt8  ? 1
+                                                                    : 2;
   std::vector<char> keys(kGrid * kCap * kKeyDim * key_bytes);
   std::vector<float> scale(kGrid * kCap), values(kGrid * kCap * kValueDim);
   std::vector<int64_t> written(kGrid);
@@ -240,8 +240,8 @@ void run(knnmem::KeyFormat format, double seconds) {
 int main(int argc, char** argv) {
   const double seconds = argc > 1 ? std::atof(argv[1]) : 1.0;
   knnmem::set_num_threads(3);
-  for (auto format :
-       {knnmem::KeyFormat::kFloat32, knnmem::KeyFormat::kBFloat16, knnmem::KeyFormat::kInt8}) {
+  for (auto format : {knnmem::KeyFormat::kFloat32, knnmem::KeyFormat::kBFloat16,
+                      knnmem::KeyFormat::kFloat16, knnmem::KeyFormat::kInt8}) {
     run(format, seconds);
   }
   std::printf(failures ? "%d checks failed\n" : "all checks passed\n", failures.load());

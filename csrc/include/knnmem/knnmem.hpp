@@ -118,25 +118,36 @@ class Placement {
 // Borrowed views of a grid of memories (see the ring layout above).
 enum class KeyLayout : int { kRows = 0, kPanels = 1 };
 
-// Element type of stored keys. bfloat16 and int8 keys are kept in panels
-// only, packed in 32-bit words: word i of a slot holds dims 2i (low half) and
-// 2i+1 (bfloat16), or dims 4i .. 4i+3 (int8, lowest byte first). int8 keys
-// are k ~= scale * q with q in [-127, 127] per row; the row's scale and the
-// sum of its q are kept per slot (key_scale, key_sum).
-enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
+// Element type of stored keys. bfloat16, float16 and int8 keys are kept in
+// panels only, ceil(dim / 2) or ceil(dim / 4) 32-bit words per slot:
+// bfloat16 pairs (word i of a slot holds dims 2i, low half, and 2i+1), int8
+// quads (dims 4i .. 4i+3, lowest byte first), and float16 halves laid out like
+// float32 keys, [dim rounded up to even][16] halves per panel. int8 keys are
+// k ~= scale * q with q in [-127, 127] per row; the row's scale and the sum of
+// its q are kept per slot (key_scale, key_sum). float16 keys must lie within
+// +-65504 (checked at the boundary).
+enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2, kFloat16 = 3 };
 
-// Parses "float32" | "bfloat16" | "int8"; throws InvalidArgument naming `dtype`.
+// Parses "float32" | "bfloat16" | "float16" | "int8"; throws InvalidArgument
+// naming `dtype`.
 KeyFormat parse_key_format(const std::string& name);
 const char* key_format_name(KeyFormat format);
 // The bins a search of keys stored as `format` uses: bins_for_recall, with the
-// target raised to 1 - 0.8 (1 - target) for rounded (bfloat16, int8) keys.
+// target raised to 1 - 0.8 (1 - target) for rounded (bfloat16, float16, int8)
+// keys.
 int64_t bins_for_search(int64_t k, double recall_target, KeyFormat format);
 
 // 32-bit words a slot's key takes: dim, ceil(dim / 2) or ceil(dim / 4).
 inline int64_t key_words(KeyFormat format, int64_t dim) {
-  return format == KeyFormat::kInt8       ? (dim + 3) / 4
-         : format == KeyFormat::kBFloat16 ? (dim + 1) / 2
-                                          : dim;
+  switch (format) {
+    case KeyFormat::kInt8:
+      return (dim + 3) / 4;
+    case KeyFormat::kBFloat16:
+    case KeyFormat::kFloat16:
+      return (dim + 1) / 2;
+    default:
+      return dim;
+  }
 }
 
 inline constexpr int64_t kPanelSlots = 16;
@@ -192,6 +203,11 @@ struct SearchOptions {
   int64_t k = 32;
   double recall_target = 0.9;
   Metric metric = Metric::kInnerProduct;
+  // Row-layout keys (float32) are scored in this format: each search packs
+  // them into bfloat16 or int8 panels as Memory::add would store them, so
+  // results equal those of a memory with that key format (returned keys stay
+  // the float32 rows). Panel-layout memories score in their own format.
+  KeyFormat score_format = KeyFormat::kFloat32;
 };
 
 // Outputs of a search over Q queries per memory; every pointer is required
@@ -279,7 +295,7 @@ class Memory {
   // placement (what save/load write; docs/format.md). Row i < count[g] of
   // memory g is stream position written[g] - count[g] + i (oldest first);
   // rows from count[g] on are zero. Keys keep their stored element type:
-  // float32, bfloat16 bits (uint16) or int8 q with key = key_scale * q.
+  // float32, bfloat16 or float16 bits (uint16), or int8 q with key = key_scale * q.
   struct State {
     void* keys = nullptr;        // [grid][capacity][key_dim] float | uint16 | int8
     float* key_scale = nullptr;  // [grid][capacity], int8 keys only (else null)
@@ -291,7 +307,8 @@ class Memory {
   void export_state(const State& out) const;
   // Replaces the whole state with `in` (read only; same layout) under the
   // exclusive lock. Every value is checked first -- written >= 0, keys and
-  // values finite, int8 keys in [-127, 127] with finite scales >= 0 -- and a
+  // values finite (bfloat16 and float16 bits too), int8 keys in [-127, 127]
+  // with finite scales >= 0 -- and a
   // bad one throws InvalidArgument naming it before anything is changed.
   // Derived terms (norms, int8 sums) are recomputed as add() computes them,
   // so the memory searches bit-identically to the one exported.

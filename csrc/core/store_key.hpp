@@ -1,0 +1,78 @@
+// One key written into panel storage in a key format. Shared by Memory::add
+// (keys kept in the memory's format) and the search of row-layout keys, which
+// packs blocks of float32 rows into panels of the format it scores in
+// (SearchOptions::score_format): both produce the same words, scales, sums
+// and norm terms, so both score a key the same way.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/quantize.hpp"
+#include "knnmem/knnmem.hpp"
+
+namespace knnmem::detail {
+
+// The per-slot norm term the kernels use: |k|^2 for l2, 1/|k| for cosine
+// (0 for a zero key), nothing for ip.
+inline float aux_of(Metric metric, float sq) {
+  if (metric == Metric::kL2) return sq;
+  if (metric == Metric::kCosine) return sq > 0.0f ? 1.0f / std::sqrt(sq) : 0.0f;
+  return 0.0f;
+}
+
+// |x|^2 of dim values produced by at(i), summed in 16 interleaved partial sums
+// (a fixed order, so the compiler can vectorise it).
+template <class At>
+inline float sum_squares(int64_t dim, At at) {
+  constexpr int64_t kLanes = 16;
+  float part[kLanes] = {};
+  for (int64_t i0 = 0; i0 < dim; i0 += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float x = i0 + l < dim ? at(i0 + l) : 0.0f;
+      part[l] += x * x;
+    }
+  }
+  float sq = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) sq += part[l];
+  return sq;
+}
+
+// Stores `key` in slot `lane` of the panel whose first word is `panel`
+// (kPanelSlots slots of key_words(format, dim) words, dimension-major). int8
+// keys also get their scale and sum. Returns |stored key|^2 -- of the rounded
+// key for bfloat16, float16 and int8, which is what gets scored -- when `norm` is set,
+// else 0.
+inline float store_key(KeyFormat format, const float* key, int64_t dim, void* panel, int64_t lane,
+                       float* scale, int32_t* sum, bool norm) {
+  if (format == KeyFormat::kFloat32) {
+    float* dst = static_cast<float*>(panel) + lane;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = key[d];
+    return norm ? sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f;
+  }
+  if (format == KeyFormat::kFloat16) {  // [dim rounded up to even][16] halves
+    uint16_t* dst = static_cast<uint16_t*>(panel) + lane;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = to_f16(key[d]);
+    if (dim % 2) dst[dim * kPanelSlots] = 0;
+    if (!norm) return 0.0f;
+    return sum_squares(dim, [&](int64_t i) { return from_f16(dst[i * kPanelSlots]); });
+  }
+  uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
+  if (format == KeyFormat::kInt8) {
+    float s = 0.0f;
+    *scale = s = quantize_int8(key, dim, *sum,
+                               [&](int64_t w, uint32_t word) { dst[w * kPanelSlots] = word; });
+    if (!norm) return 0.0f;
+    return sum_squares(dim, [&](int64_t i) {
+      return static_cast<float>(static_cast<int8_t>(dst[(i / 4) * kPanelSlots] >> (8 * (i % 4)))) *
+             s;
+    });
+  }
+  for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
+  if (!norm) return 0.0f;
+  return sum_squares(dim, [&](int64_t i) {
+    return from_bf16(static_cast<uint16_t>(dst[(i / 2) * kPanelSlots] >> (16 * (i % 2))));
+  });
+}
+
+}  // namespace knnmem::detail
