@@ -389,3 +389,13 @@ def test_import_state_checks_every_size_and_changes_nothing_on_error() -> None:
     f32 = filled("float32", "ip")
     with pytest.raises(ValueError, match=r"^key_scale: expected None for float32 keys"):
         f32._core._import_state(*[a if i != 1 else scale for i, a in enumerate(state(f32))])
+
+
+def test_memories_on_a_cuda_device_are_refused_clearly(tmp_path: Path) -> None:
+    class OnDevice(knnmem.Memory):  # stands in for device="cuda" without a GPU
+        device = property(lambda self: "cuda:0")
+
+    mem = OnDevice(2, capacity=8, key_dim=4)
+    with pytest.raises(NotImplementedError, match=r"^save: memories on cuda:0 cannot be saved"):
+        mem.save(tmp_path / "m")
+    assert os.listdir(tmp_path) == []
