@@ -340,7 +340,80 @@ PYBIND11_MODULE(_core, m) {
             check_shape(*mask, "which", {self.grid()}, dims({named("grid", self.grid())}));
             self.clear(reinterpret_cast<const uint8_t*>(mask->data()));
           },
-          py::arg("mask") = py::none());
+          py::arg("mask") = py::none())
+      // Private: the stored state, for knnmem.Memory.save / load (docs/format.md).
+      .def("_export_state",
+           [](const knnmem::Memory& self) {
+             const py::ssize_t G = self.grid(), C = self.capacity();
+             const knnmem::KeyFormat f = self.key_format();
+             py::dtype key_dtype = f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+                                   : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                                                    : py::dtype::of<uint16_t>();
+             py::array keys(key_dtype, std::vector<py::ssize_t>{G, C, self.key_dim()});
+             py::array values(py::dtype::of<float>(),
+                              std::vector<py::ssize_t>{G, C, self.value_dim()});
+             py::array written(py::dtype::of<int64_t>(), std::vector<py::ssize_t>{G});
+             py::object scale = py::none();
+             knnmem::Memory::State out{keys.mutable_data(), nullptr,
+                                       static_cast<float*>(values.mutable_data()),
+                                       static_cast<int64_t*>(written.mutable_data())};
+             if (f == knnmem::KeyFormat::kInt8) {
+               py::array s(py::dtype::of<float>(), std::vector<py::ssize_t>{G, C});
+               out.key_scale = static_cast<float*>(s.mutable_data());
+               scale = s;
+             }
+             {
+               py::gil_scoped_release release;
+               self.export_state(out);
+             }
+             return py::make_tuple(keys, scale, values, written);
+           })
+      .def(
+          "_import_state",
+          [](knnmem::Memory& self, const py::array& keys, const py::object& key_scale,
+             const py::array& values, const py::array& written) {
+            const int64_t G = self.grid(), C = self.capacity();
+            const knnmem::KeyFormat f = self.key_format();
+            auto check = [](const py::array& a, const char* name, py::dtype dtype,
+                            const std::vector<int64_t>& shape) {
+              std::string what = "(";
+              for (std::size_t i = 0; i < shape.size(); ++i) {
+                what += (i ? ", " : "") + std::to_string(shape[i]);
+              }
+              check_shape(a, name, shape, what + ")");
+              const bool aligned = reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0;
+              if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || !aligned) {
+                throw InvalidArgument(std::string(name) + ": expected an aligned C-contiguous " +
+                                      std::string(py::str(dtype)) + " array, got " +
+                                      std::string(py::str(a.dtype())));
+              }
+            };
+            check(keys, "keys",
+                  f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+                  : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                                   : py::dtype::of<uint16_t>(),
+                  {G, C, self.key_dim()});
+            check(values, "values", py::dtype::of<float>(), {G, C, self.value_dim()});
+            check(written, "written", py::dtype::of<int64_t>(), {G});
+            knnmem::Memory::State in{const_cast<void*>(keys.data()), nullptr,
+                                     static_cast<float*>(const_cast<void*>(values.data())),
+                                     static_cast<int64_t*>(const_cast<void*>(written.data()))};
+            py::array scale;
+            if (f == knnmem::KeyFormat::kInt8) {
+              if (!py::isinstance<py::array>(key_scale)) {
+                throw InvalidArgument("key_scale: expected a float32 array for int8 keys");
+              }
+              scale = py::reinterpret_borrow<py::array>(key_scale);
+              check(scale, "key_scale", py::dtype::of<float>(), {G, C});
+              in.key_scale = static_cast<float*>(const_cast<void*>(scale.data()));
+            } else if (!key_scale.is_none()) {
+              throw InvalidArgument("key_scale: expected None for " +
+                                    std::string(knnmem::key_format_name(f)) + " keys");
+            }
+            py::gil_scoped_release release;
+            self.import_state(in);
+          },
+          py::arg("keys"), py::arg("key_scale"), py::arg("values"), py::arg("written"));
 
   m.def(
       "search",

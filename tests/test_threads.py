@@ -297,3 +297,74 @@ def test_set_num_threads_while_searching():
     assert not any(t.is_alive() for t in threads), "searchers hung"
     assert not errors, "\n".join(errors)
     assert min(searches) >= 5, searches
+
+
+def test_save_and_load_while_others_add_search_and_clear(tmp_path) -> None:
+    """For a bounded time (3 s), adders, a searcher and a clearer share a memory while
+    another thread saves it and loads every file back: each file is one consistent
+    snapshot -- whole rows, each in the cell it was added to, counts matching the
+    counters -- and the loaded memory answers searches like any other."""
+    mem = knnmem.Memory(shape=SHAPE, capacity=CAP, key_dim=KD, value_dim=VD)
+    book = Book()
+    errors: list[str] = []
+    stop = threading.Event()
+    saves = [0]
+
+    def guarded(fn):
+        def run(*args):
+            try:
+                while not stop.is_set():
+                    fn(*args)
+            except BaseException:
+                errors.append(traceback.format_exc())
+                stop.set()
+
+        return run
+
+    def add(rng):
+        ids = book.issue(int(rng.choice([1, 9, 64, CAP + 3])))
+        mem.add(key_rows(ids), value_rows(ids, np.arange(GRID).reshape(*SHAPE, 1)))
+
+    def search(rng):
+        queries = rng.standard_normal((*SHAPE, 3, KD)).astype(np.float32)
+        check_result(mem.search(queries, k=16, recall_target=0.9), queries, 16, book)
+
+    def clear(rng):
+        time.sleep(0.005)
+        mem.clear(rng.random(SHAPE) < 0.3)
+
+    def save_and_load(rng):
+        path = tmp_path / f"m{saves[0] % 2}.safetensors"
+        mem.save(path)
+        loaded = knnmem.Memory.load(path, mmap=bool(saves[0] % 2))
+        keys, _, values, written = loaded._core._export_state()
+        count = np.minimum(written, CAP)
+        np.testing.assert_array_equal(loaded.count.reshape(-1), count)
+        for g in range(GRID):
+            ids = values[g, : count[g], 0].astype(np.int64)
+            assert len(set(ids.tolist())) == count[g]
+            issued_to, _ = book.lookup(ids)
+            assert (issued_to == g).all()
+            np.testing.assert_array_equal(keys[g, : count[g]], key_rows(ids))
+            np.testing.assert_array_equal(
+                values[g, : count[g]], value_rows(ids, np.full(count[g], g))
+            )
+            assert not values[g, count[g] :].any()
+        queries = rng.standard_normal((*SHAPE, 2, KD)).astype(np.float32)
+        check_result(loaded.search(queries, k=8, recall_target=1.0), queries, 8, book)
+        saves[0] += 1
+
+    roles = [add, add, search, clear, save_and_load]
+    threads = [
+        threading.Thread(target=guarded(fn), args=(np.random.default_rng(50 + i),), daemon=True)
+        for i, fn in enumerate(roles)
+    ]
+    for t in threads:
+        t.start()
+    stop.wait(3.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "threads hung"
+    assert not errors, "\n".join(errors)
+    assert saves[0] >= 5, saves

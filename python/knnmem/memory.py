@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core, cuda
+from . import _core, _persist, cuda
 from ._arrays import (
     INT64_MAX,
     as_array,
@@ -274,6 +274,24 @@ class Memory:
             if not np.shares_memory(flat[-1], arr):
                 raise ValueError(f"out: {name} must be C-contiguous")
         return tuple(flat)
+
+    def save(self, path: Any) -> None:
+        """Writes the memory to `path` atomically (docs/format.md): a safetensors file
+        with knnmem metadata and a sha256 checksum, written to a temporary file in the
+        same directory, fsynced, renamed over `path`, and the directory fsynced. A crash
+        leaves either the old file or the new one at `path`. Safe while other threads
+        use the memory: the state is copied out as one snapshot."""
+        _persist.save(self, path)
+
+    @classmethod
+    def load(cls, path: Any, mmap: bool = False) -> Memory:
+        """Reads a memory written by save; it searches bit-identically to the saved one.
+        Every field and the checksum are verified first: a truncated, corrupt, foreign
+        or newer-version file raises ValueError naming the file and the problem.
+        mmap=True maps the file read-only and copies the tensors from the map into the
+        memory's aligned storage (no second in-RAM copy of the file; the file must not
+        be modified in place while loading -- save never does that)."""
+        return _persist.load(path, mmap=mmap)
 
     def clear(self, which: Any = None) -> None:
         """Empties memories: all (None), a bool mask of the grid's shape, or indices

@@ -291,6 +291,29 @@ class Memory {
   std::vector<int64_t> written() const;
   std::vector<int64_t> count() const;
 
+  // The stored state in a layout that depends on neither the panels nor the
+  // placement (what save/load write; docs/format.md). Row i < count[g] of
+  // memory g is stream position written[g] - count[g] + i (oldest first);
+  // rows from count[g] on are zero. Keys keep their stored element type:
+  // float32, bfloat16 or float16 bits (uint16), or int8 q with key = key_scale * q.
+  struct State {
+    void* keys = nullptr;        // [grid][capacity][key_dim] float | uint16 | int8
+    float* key_scale = nullptr;  // [grid][capacity], int8 keys only (else null)
+    float* values = nullptr;     // [grid][capacity][value_dim]
+    int64_t* written = nullptr;  // [grid]
+  };
+  // Copies the state into `out` (every buffer required, sized as above) under
+  // the shared lock: one consistent snapshot, concurrent with searches.
+  void export_state(const State& out) const;
+  // Replaces the whole state with `in` (read only; same layout) under the
+  // exclusive lock. Every value is checked first -- written >= 0, keys and
+  // values finite (bfloat16 and float16 bits too), int8 keys in [-127, 127]
+  // with finite scales >= 0 -- and a
+  // bad one throws InvalidArgument naming it before anything is changed.
+  // Derived terms (norms, int8 sums) are recomputed as add() computes them,
+  // so the memory searches bit-identically to the one exported.
+  void import_state(const State& in);
+
  private:
   MutableMemoryView view_unlocked() const;
 
