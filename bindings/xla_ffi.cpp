@@ -32,18 +32,13 @@
 
 #include "knnmem/knnmem.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi_common.hpp"
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace ffi = xla::ffi;
-
-#if defined(__GNUC__) || defined(__clang__)
-#define KNNMEM_FFI_EXPORT __attribute__((visibility("default")))
-#else
-#define KNNMEM_FFI_EXPORT
-#endif
 
 // Declared first so that the exported symbols keep default visibility in a
 // module built with -fvisibility=hidden.
@@ -52,38 +47,7 @@ extern "C" KNNMEM_FFI_EXPORT int64_t KnnmemFfiAbiVersion();
 
 namespace {
 
-using Dims = ffi::AnyBuffer::Dimensions;
-
-std::string dims_str(Dims d) {
-  std::ostringstream s;
-  s << "(";
-  for (std::size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
-  s << (d.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-const char* dtype_name(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::PRED:
-      return "bool";
-    case ffi::DataType::S32:
-      return "int32";
-    case ffi::DataType::S64:
-      return "int64";
-    case ffi::DataType::F16:
-      return "float16";
-    case ffi::DataType::BF16:
-      return "bfloat16";
-    case ffi::DataType::F32:
-      return "float32";
-    case ffi::DataType::F64:
-      return "float64";
-    default:
-      return "another dtype";
-  }
-}
-
-ffi::Error invalid(const std::string& message) { return ffi::Error::InvalidArgument(message); }
+using namespace knnmem::ffi_common;  // NOLINT: Dims, dims_str, invalid, ...
 
 // Asks for transparent huge pages on a large result buffer before it is first written,
 // as numpy does for its arrays: XLA's fresh result buffers (the gathered keys and values
@@ -112,15 +76,7 @@ ffi::Error check_dtype(ffi::DataType got, ffi::DataType want, const char* name) 
 // `b` must have shape (*grid, tail...); entries of `tail` < 0 match any size.
 ffi::Error check_shape(Dims b, Dims grid, std::initializer_list<int64_t> tail, const char* name,
                        const std::string& what) {
-  bool ok = b.size() == grid.size() + tail.size();
-  for (std::size_t i = 0; ok && i < grid.size(); ++i) ok = b[i] == grid[i];
-  std::size_t i = grid.size();
-  for (int64_t t : tail) {
-    if (!ok) break;
-    ok = t < 0 || b[i] == t;
-    ++i;
-  }
-  if (ok) return ffi::Error::Success();
+  if (has_shape(b, grid, tail)) return ffi::Error::Success();
   return invalid(std::string(name) + ": expected shape " + what + ", got " + dims_str(b));
 }
 

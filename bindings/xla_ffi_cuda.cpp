@@ -28,45 +28,16 @@
 #include "cuda/knnmem_cuda.hpp"
 #include "knnmem/knnmem.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi_common.hpp"
 
 namespace ffi = xla::ffi;
-
-#if defined(__GNUC__) || defined(__clang__)
-#define KNNMEM_FFI_EXPORT __attribute__((visibility("default")))
-#else
-#define KNNMEM_FFI_EXPORT
-#endif
 
 extern "C" KNNMEM_FFI_EXPORT XLA_FFI_Error* KnnmemSearchCuda(XLA_FFI_CallFrame* call_frame);
 extern "C" KNNMEM_FFI_EXPORT int64_t KnnmemCudaFfiAbiVersion();
 
 namespace {
 
-using Dims = ffi::AnyBuffer::Dimensions;
-
-std::string dims_str(Dims d) {
-  std::ostringstream s;
-  s << "(";
-  for (std::size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
-  s << (d.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-ffi::Error invalid(const std::string& message) { return ffi::Error::InvalidArgument(message); }
-
-// `b` must be (*grid, tail...); tail entries < 0 match any size.
-bool has_shape(Dims b, Dims grid, std::initializer_list<int64_t> tail) {
-  if (b.size() != grid.size() + tail.size()) return false;
-  for (std::size_t i = 0; i < grid.size(); ++i) {
-    if (b[i] != grid[i]) return false;
-  }
-  std::size_t i = grid.size();
-  for (int64_t t : tail) {
-    if (t >= 0 && b[i] != t) return false;
-    ++i;
-  }
-  return true;
-}
+using namespace knnmem::ffi_common;  // NOLINT: Dims, dims_str, invalid, has_shape
 
 ffi::Error SearchCudaImpl(cudaStream_t stream, ffi::AnyBuffer keys, ffi::AnyBuffer values,
                           ffi::AnyBuffer written, ffi::AnyBuffer queries, ffi::AnyBuffer offset_of,
