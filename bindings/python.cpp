@@ -423,12 +423,8 @@ PYBIND11_MODULE(_core, m) {
         RingArrays ring = ring_view(keys, values, written, false);
         const knnmem::MemoryView view = ring.view.as_const();
         const knnmem::Metric parsed = knnmem::parse_metric(metric);
-        if (precision != "float32" && precision != "bfloat16" && precision != "int8") {
-          throw knnmem::InvalidArgument(
-              "precision: expected one of 'float32', 'bfloat16', 'int8', got '" + precision + "'");
-        }
         knnmem::SearchOptions options{k, recall_target, parsed};
-        options.score_format = knnmem::parse_key_format(precision);
+        options.score_format = knnmem::parse_score_format(precision);
         checked_k(k, view.capacity);
         checked_recall_target(recall_target);
         const float* q =

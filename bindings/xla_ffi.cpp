@@ -162,12 +162,8 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     } catch (const knnmem::InvalidArgument& e) {
       return invalid(e.what());
     }
-    if (precision != "float32" && precision != "bfloat16" && precision != "int8") {
-      return invalid("precision: expected one of 'float32', 'bfloat16', 'int8', got '" +
-                     std::string(precision) + "'");
-    }
     knnmem::SearchOptions options{k, recall_target, metric};
-    options.score_format = knnmem::parse_key_format(std::string(precision));
+    options.score_format = knnmem::parse_score_format(std::string(precision));  // throws
 
     // results: shapes are fixed by the caller's abstract evaluation; checked all the same
     struct Expected {

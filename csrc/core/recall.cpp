@@ -33,6 +33,14 @@ KeyFormat parse_key_format(const std::string& name) {
                         name + "'");
 }
 
+KeyFormat parse_score_format(const std::string& name) {
+  if (name == "float32") return KeyFormat::kFloat32;
+  if (name == "bfloat16") return KeyFormat::kBFloat16;
+  if (name == "int8") return KeyFormat::kInt8;
+  throw InvalidArgument("precision: expected one of 'float32', 'bfloat16', 'int8', got '" + name +
+                        "'");
+}
+
 const char* key_format_name(KeyFormat format) {
   switch (format) {
     case KeyFormat::kBFloat16:

@@ -131,6 +131,10 @@ enum class KeyFormat : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2, kFloat16 = 
 // Parses "float32" | "bfloat16" | "float16" | "int8"; throws InvalidArgument
 // naming `dtype`.
 KeyFormat parse_key_format(const std::string& name);
+// Parses the formats row-layout keys can be scored in (SearchOptions::
+// score_format): "float32" | "bfloat16" | "int8"; throws InvalidArgument
+// naming `precision`.
+KeyFormat parse_score_format(const std::string& name);
 const char* key_format_name(KeyFormat format);
 // The bins a search of keys stored as `format` uses: bins_for_recall, with the
 // target raised to 1 - 0.8 (1 - target) for rounded (bfloat16, float16, int8)
