@@ -158,17 +158,25 @@ def test_placement_is_a_blockwise_permutation() -> None:
     assert np.mean(np.diff(slot_of) == 1) < 0.05  # not the identity in disguise
 
 
-@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
-@pytest.mark.parametrize("target", [0.9, 1.0])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_ops_equal_memory(metric: str, target: float, dtype: str) -> None:
-    """ops.search(precision=dtype) on float32 rows scores exactly as a Memory storing
-    dtype keys; only the returned keys differ (the rows, not their rounding)."""
+def check_memory_equals_ops(
+    shape: tuple, capacity: int, d: int, metric: str, target: float, dtype: str, steps: tuple
+) -> None:
+    """Adds the segments of `steps` (rows per memory; 0 clears the first memory) to a
+    Memory(dtype) and to ops arrays, and after each compares Memory.search with
+    ops.search(precision=dtype): they score exactly alike; only the returned keys
+    differ (the rows, not their rounding)."""
     rng = np.random.default_rng(5)
-    shape, capacity, d, dv = (2, 3), 300, 59, 5
+    dv = 5
     mem = knnmem.Memory(shape, capacity, d, dv, metric=metric, dtype=dtype)
     keys, values, written = knnmem.ops.init(shape, capacity, d, dv)
-    for t in (100, 250, 7):
+    cells = np.arange(int(np.prod(shape))).reshape(shape)
+    for t in steps:
+        if t == 0:
+            first = np.zeros(shape, bool)
+            first.flat[0] = True
+            mem.clear(first)
+            written[first] = 0  # the ops state of an empty memory
+            continue
         k, v = rows(rng, shape, t, d), rows(rng, shape, t, dv)
         mem.add(k, v)
         knnmem.ops.add(keys, values, written, k, v)
@@ -183,12 +191,27 @@ def test_ops_equal_memory(metric: str, target: float, dtype: str) -> None:
         if dtype == "float32":
             np.testing.assert_array_equal(a.keys, b.keys)
         else:  # the stored rows at the returned positions, and Memory's rounding of them
-            cells = np.arange(6).reshape(shape)
             slots = knnmem.ops.placement(capacity)[0][b.indices % capacity]
-            want = keys.reshape(6, capacity, d)[cells[..., None, None], np.where(b.mask, slots, 0)]
+            flat = keys.reshape(cells.size, capacity, d)
+            want = flat[cells[..., None, None], np.where(b.mask, slots, 0)]
             np.testing.assert_array_equal(b.keys, np.where(b.mask[..., None], want, 0))
             tol = 1 / 64 if dtype == "int8" else 1 / 128
             np.testing.assert_allclose(a.keys, b.keys, atol=tol * np.abs(keys).max())
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("target", [0.9, 1.0])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_ops_equal_memory(metric: str, target: float, dtype: str) -> None:
+    check_memory_equals_ops((2, 3), 300, 59, metric, target, dtype, (100, 250, 7))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_results_of_big_memories_equal_ops(dtype: str) -> None:
+    """Memories with over 4 MiB of keys copy their results' keys and values in slot
+    order (search.cpp, Gather), smaller ones in result order: same results, including
+    a memory holding fewer rows than k (zero keys/values for the misses)."""
+    check_memory_equals_ops((2,), 36_000, 130, "ip", 0.9, dtype, (20_000, 0, 30, 16_500))
 
 
 def test_results_follow_the_queries_framework() -> None:

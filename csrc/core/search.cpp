@@ -35,6 +35,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Row-layout keys are packed into panels by every task that scans them, so a
 // task takes many more queries there: the packing is paid once per slot range.
 constexpr int64_t kMaxRowQueryChunk = 528;
+// Panel memories with more bytes of keys than this copy their results' keys
+// and values in slot order (Gather), smaller ones (and row layouts) in result order.
+constexpr int64_t kGatherInOrderBytes = 4ll << 20;
 
 struct Candidate {
   float score;
@@ -95,8 +98,9 @@ struct Plan {
   int64_t num_queries;  // per memory
   int64_t num_bins;     // 0 = exact
   int64_t q_chunk;
-  int64_t chunks;  // query chunks per memory
-  int64_t splits;  // slot ranges per memory
+  int64_t chunks;                // query chunks per memory
+  int64_t splits;                // slot ranges per memory
+  int32_t* hit_slots = nullptr;  // [G][Q][k] slots of the results, when keys or values are wanted
 };
 
 // Bins for a memory holding `live` rows; 0 = exact top-k.
@@ -272,9 +276,24 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
   return scratch;
 }
 
+// The stored key and the value of a hit into result row o.
+void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
+  const MemoryView& m = *p.m;
+  const SearchOutput& out = *p.out;
+  if (out.keys) {
+    std::memcpy(out.keys + o * m.key_dim, key_row(m, g, slot, scratch), sizeof(float) * m.key_dim);
+  }
+  if (out.values) {
+    std::memcpy(out.values + o * m.value_dim, m.values + (g * m.capacity + slot) * m.value_stride,
+                sizeof(float) * m.value_dim);
+  }
+}
+
 // Sorts the best k of `cands` to the front and writes query q's results.
+// Keys and values of hits are copied here, or, where p.hit_slots is set, their
+// slots are recorded for Gather. Misses get zero keys and values.
 void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& cands,
-                  std::vector<float>& scratch) {
+                  float* scratch) {
   const MemoryView& m = *p.m;
   const int64_t k = p.opt->k;
   const int64_t written = m.written[g];
@@ -288,25 +307,79 @@ void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& c
     out.scores[o + j] = hit ? cands[static_cast<std::size_t>(j)].score : kNegInf;
     out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
     out.mask[o + j] = hit;
-    if (out.keys) {
-      float* dst = out.keys + (o + j) * m.key_dim;
-      if (hit) {
-        std::memcpy(dst, key_row(m, g, slot, scratch.data()), sizeof(float) * m.key_dim);
-      } else {
-        std::fill_n(dst, m.key_dim, 0.0f);
-      }
+    if (p.hit_slots) {
+      p.hit_slots[o + j] = static_cast<int32_t>(slot);
+    } else if (hit) {
+      copy_hit(p, g, slot, o + j, scratch);
     }
-    if (out.values) {
-      float* dst = out.values + (o + j) * m.value_dim;
-      if (hit) {
-        std::memcpy(dst, m.values + (g * m.capacity + slot) * m.value_stride,
-                    sizeof(float) * m.value_dim);
-      } else {
-        std::fill_n(dst, m.value_dim, 0.0f);
-      }
-    }
+    if (hit) continue;
+    if (out.keys) std::fill_n(out.keys + (o + j) * m.key_dim, m.key_dim, 0.0f);
+    if (out.values) std::fill_n(out.values + (o + j) * m.value_dim, m.value_dim, 0.0f);
   }
 }
+
+// Copies the keys and values of the hits into the outputs, panel by panel,
+// for memories too big for the caches. A key in panels is spread over one
+// cache line per dimension (its whole 16-slot panel), so fetching hits in
+// result order reads a panel from memory per hit; in slot order every panel
+// is read once. (Small memories copy in result order, in write_result: their
+// panels are still cached from the scan, and the outputs are written in order.)
+class Gather {
+ public:
+  explicit Gather(const Plan& p) : p_(p), per_memory_(p.num_queries * p.opt->k) {
+    const int64_t panels = padded_capacity(p.m->capacity) / kPanelSlots;
+    // Enough pieces per memory to keep every thread busy on a small grid.
+    const int64_t want = 4 * static_cast<int64_t>(get_num_threads());
+    pieces_ = std::clamp<int64_t>((want + p.m->grid - 1) / p.m->grid, 1, panels);
+    first_.assign(static_cast<std::size_t>(p.m->grid * (panels + 1)), 0);
+    order_.resize(static_cast<std::size_t>(p.m->grid * per_memory_));
+  }
+
+  void run() {
+    // Counting sort of each memory's hits by panel, then the pieces.
+    detail::parallel_for(static_cast<std::size_t>(p_.m->grid),
+                         [&](std::size_t g) { sort(static_cast<int64_t>(g)); });
+    detail::parallel_for(static_cast<std::size_t>(p_.m->grid * pieces_), [&](std::size_t i) {
+      copy(static_cast<int64_t>(i) / pieces_, static_cast<int64_t>(i) % pieces_);
+    });
+  }
+
+ private:
+  int64_t panels() const { return padded_capacity(p_.m->capacity) / kPanelSlots; }
+
+  void sort(int64_t g) {
+    const int32_t* slots = p_.hit_slots + g * per_memory_;
+    int64_t* first = first_.data() + g * (panels() + 1);
+    int32_t* order = order_.data() + g * per_memory_;
+    for (int64_t i = 0; i < per_memory_; ++i) {
+      if (slots[i] >= 0) ++first[slots[i] / kPanelSlots + 1];
+    }
+    for (int64_t b = 0; b < panels(); ++b) first[b + 1] += first[b];
+    std::vector<int64_t> next(first, first + panels());
+    for (int64_t i = 0; i < per_memory_; ++i) {
+      if (slots[i] >= 0) order[next[static_cast<std::size_t>(slots[i] / kPanelSlots)]++] = i;
+    }
+  }
+
+  void copy(int64_t g, int64_t piece) {
+    const int32_t* slots = p_.hit_slots + g * per_memory_;
+    const int64_t* first = first_.data() + g * (panels() + 1);
+    const int32_t* order = order_.data() + g * per_memory_;
+    const int64_t b0 = panels() * piece / pieces_;
+    const int64_t b1 = panels() * (piece + 1) / pieces_;
+    std::vector<float> scratch(static_cast<std::size_t>(p_.m->key_dim));
+    for (int64_t h = first[b0]; h < first[b1]; ++h) {
+      const int64_t i = order[h];
+      copy_hit(p_, g, slots[i], g * per_memory_ + i, scratch.data());
+    }
+  }
+
+  const Plan& p_;
+  int64_t per_memory_;
+  int64_t pieces_ = 1;
+  std::vector<int64_t> first_;  // [grid][panels + 1]: where each panel's hits start in order_
+  std::vector<int32_t> order_;  // [grid][Q * k]: result positions, by panel
+};
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
 // and writes the results of queries [q0, q1), which the partial states hold
@@ -347,7 +420,7 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   }
   std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
   for (int64_t q = 0; q < q1 - q0; ++q) {
-    write_result(p, g, q0 + q, cands[static_cast<std::size_t>(q)], scratch);
+    write_result(p, g, q0 + q, cands[static_cast<std::size_t>(q)], scratch.data());
   }
   return true;
 }
@@ -368,37 +441,12 @@ std::pair<int64_t, int64_t> split_range(int64_t end, int64_t s, int64_t splits) 
   return {cut(s), cut(s + 1)};
 }
 
-}  // namespace
-
-void search(const MemoryView& memory, const float* queries, int64_t num_queries,
-            const SearchOptions& options, const SearchOutput& out) {
-  if (options.k < 1 || options.k > memory.capacity) {
-    throw InvalidArgument("k: expected an integer in [1, capacity=" +
-                          std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
-  }
-  const KeyFormat format = scored_format(memory, options);
-  const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
-  KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
-  KNNMEM_ASSERT(out.scores && out.indices && out.mask);
-  if (num_queries == 0 || memory.grid == 0) return;
-  cpu::active_kernel();  // resolves KNNMEM_KERNEL here, in the caller's thread
-
-  Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
-  // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
-  const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
-  const int64_t max_chunk =
-      memory.key_layout == KeyLayout::kRows ? kMaxRowQueryChunk : kMaxQueryChunk;
-  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, max_chunk);
-  p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
-  // Too few (memory, query chunk) tasks to balance over the threads: cut each
-  // memory's slots into ranges too (results do not depend on the cut).
+// Scans and finishes every (memory, query chunk): scores, indices and mask of
+// all results, and their slots.
+void find_results(Plan& p) {
+  const MemoryView& memory = *p.m;
+  const int64_t num_queries = p.num_queries;
   const int64_t tasks = memory.grid * p.chunks;
-  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
-  if (tasks < want) {
-    p.splits = std::clamp<int64_t>((want + tasks - 1) / tasks, 1,
-                                   std::max<int64_t>(1, memory.capacity / kMinSplitSlots));
-  }
-
   auto queries_of = [&](int64_t c) {
     const int64_t q0 = c * p.q_chunk;
     return std::pair<int64_t, int64_t>{q0, std::min(num_queries, q0 + p.q_chunk)};
@@ -436,6 +484,49 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
       search_exact(p, g, a, b);
     }
   });
+}
+
+}  // namespace
+
+void search(const MemoryView& memory, const float* queries, int64_t num_queries,
+            const SearchOptions& options, const SearchOutput& out) {
+  if (options.k < 1 || options.k > memory.capacity) {
+    throw InvalidArgument("k: expected an integer in [1, capacity=" +
+                          std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
+  }
+  const KeyFormat format = scored_format(memory, options);
+  const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
+  KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
+  KNNMEM_ASSERT(out.scores && out.indices && out.mask);
+  if (num_queries == 0 || memory.grid == 0) return;
+  cpu::active_kernel();  // resolves KNNMEM_KERNEL here, in the caller's thread
+
+  Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
+  // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
+  const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
+  const int64_t max_chunk =
+      memory.key_layout == KeyLayout::kRows ? kMaxRowQueryChunk : kMaxQueryChunk;
+  p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, max_chunk);
+  p.chunks = (num_queries + p.q_chunk - 1) / p.q_chunk;
+  // Too few (memory, query chunk) tasks to balance over the threads: cut each
+  // memory's slots into ranges too (results do not depend on the cut).
+  const int64_t tasks = memory.grid * p.chunks;
+  const int64_t want = 8 * static_cast<int64_t>(get_num_threads());
+  if (tasks < want) {
+    p.splits = std::clamp<int64_t>((want + tasks - 1) / tasks, 1,
+                                   std::max<int64_t>(1, memory.capacity / kMinSplitSlots));
+  }
+
+  std::vector<int32_t> hit_slots;
+  const int64_t key_bytes =
+      padded_capacity(memory.capacity) * 4 * key_words(format, memory.key_dim);
+  if ((out.keys || out.values) && memory.key_layout == KeyLayout::kPanels &&
+      key_bytes > kGatherInOrderBytes) {
+    hit_slots.resize(static_cast<std::size_t>(memory.grid * num_queries * options.k));
+    p.hit_slots = hit_slots.data();
+  }
+  find_results(p);
+  if (p.hit_slots) Gather(p).run();
 }
 
 }  // namespace knnmem
