@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 import knnmem
-from knnmem.eval import bins_for_recall, expected_recall, recall
+from knnmem.eval import bins_for_search, expected_recall, recall
 from peers import (
     Found,
     Method,
@@ -173,7 +173,7 @@ class KnnmemMethod(Method):
         target = "exact" if recall_target >= 1.0 else f"r={recall_target:.2f}"
         self.name = " ".join(filter(None, ("knnmem", short, target)))
         self.params = {"recall_target": recall_target, "dtype": dtype}
-        bins = bins_for_recall(wl.k, recall_target)
+        bins = bins_for_search(wl.k, recall_target)
         if 0 < bins < wl.capacity:
             self.expected_recall = expected_recall(bins, wl.k)
             self.note = f"L={bins} strided bins"
@@ -182,7 +182,7 @@ class KnnmemMethod(Method):
         if dtype != "float32" and self.expected_recall is not None:
             # The core widens the bins of rounded keys (Memory docstring); "expected" stays
             # the float32 model at this target, which their recall should reach.
-            self.note = f"{dtype} keys; core widens bins from L={bins}"
+            self.note = f"{dtype} keys; L={bins_for_search(wl.k, recall_target, dtype)} bins"
 
     def _grid(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(self.wl.shape + x.shape[1:])

@@ -76,3 +76,49 @@ def test_unknown_or_unsupported_kernel(kernel) -> None:
     for name in {"avx512_vnni_bf16", "avx512", "avx2"} - set(VARIANTS):
         with pytest.raises(ValueError, match=r"^kernel: '.*' is not (supported|built)"):
             _core.set_kernel(name)
+
+
+def strided_bins_reference(keys, written, capacity, queries, k, num_bins):
+    """Scores, positions of knnmem's strided-bin search in float64: bin = physical slot
+    mod L; a bin keeps its best score and, among equal ones, its lowest slot; the
+    top-k of the winners by (score desc, slot asc)."""
+    slot_of, _ = knnmem.ops.placement(capacity)
+    first = max(0, written - capacity)
+    pos_of_slot = np.full(capacity, -1)
+    pos_of_slot[slot_of[np.arange(first, written) % capacity]] = np.arange(first, written)
+    live = np.nonzero(pos_of_slot >= 0)[0]
+    key_at = np.zeros((capacity, keys.shape[-1]))
+    key_at[slot_of[np.arange(first, written) % capacity]] = keys[first:written]
+    scores, positions = [], []
+    for q in queries.astype(np.float64):
+        s = key_at[live] @ q
+        order = np.lexsort((live, -s, live % num_bins))  # by bin, best first
+        first_of_bin = np.r_[True, np.diff((live % num_bins)[order]) != 0]
+        win = order[first_of_bin]
+        top = win[np.lexsort((live[win], -s[win]))][:k]
+        scores.append(s[top])
+        positions.append(pos_of_slot[live[top]])
+    return np.array(scores), np.array(positions)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("k, target", [(32, 0.9), (8, 0.95), (5, 0.6)])
+def test_bins_keep_the_first_of_equal_scores(kernel, dtype, variant, k, target) -> None:
+    """Keys and queries of small integers score exactly in every format, with many
+    equal scores: every variant's bins (strided tiles reduced in registers, blocks
+    of slots, ranges split over threads, a partly written block) pick the winners
+    of the float64 reference, ties included."""
+    rng = np.random.default_rng(k)
+    capacity, d, written = 20_000, 16, 19_000
+    keys = rng.integers(-1, 2, (written, d)).astype(np.float32)
+    queries = rng.integers(-1, 2, (40, d)).astype(np.float32)
+    mem = knnmem.Memory((1,), capacity=capacity, key_dim=d, value_dim=1, dtype=dtype)
+    mem.add(keys[None], np.zeros((1, written, 1), np.float32))
+    got = search_with(variant, mem, queries[None], k=k, recall_target=target)
+    num_bins = knnmem.eval.bins_for_search(k, target, dtype)
+    want_scores, want_positions = strided_bins_reference(
+        keys, written, capacity, queries, k, num_bins
+    )
+    np.testing.assert_array_equal(got.scores[0], want_scores)
+    np.testing.assert_array_equal(got.indices[0], want_positions)

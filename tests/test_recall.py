@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import knnmem
-from knnmem.eval import bins_for_recall, expected_recall, recall
+from knnmem.eval import bins_for_recall, bins_for_search, expected_recall, recall
 
 CAPACITY = 32768
 DIM = 16
@@ -39,9 +39,9 @@ def near_duplicate_stream(rng: np.random.Generator, n: int) -> np.ndarray:
     return unit(np.cumsum(steps, axis=0) + 0.01 * rng.standard_normal((n, DIM)))
 
 
-def periodic_stream(rng: np.random.Generator, n: int, period: int = 145 * 3) -> np.ndarray:
+def periodic_stream(rng: np.random.Generator, n: int, period: int = 160 * 3) -> np.ndarray:
     # One segment repeated with small noise; the period is a multiple of the
-    # bin count at k=32/0.9 (L=145), the worst case for modular strides.
+    # bin count at k=32/0.9 (L=160), the worst case for modular strides.
     base = rng.standard_normal((period, DIM))
     reps = -(-n // period)
     return unit(np.tile(base, (reps, 1))[:n] + 0.05 * rng.standard_normal((n, DIM)))
@@ -86,7 +86,7 @@ def filled(request: pytest.FixtureRequest) -> tuple[knnmem.Memory, np.ndarray, d
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
 def test_recall_follows_formula(filled, k: int, target: float) -> None:
     mem, queries, exact = filled
-    num_bins = bins_for_recall(k, target)
+    num_bins = bins_for_search(k, target)
     predicted = expected_recall(num_bins, k)
     assert predicted >= target
     found = mem.search(queries, k=k, recall_target=target)
@@ -108,10 +108,20 @@ def test_bins_for_recall_values() -> None:
 
 
 def test_bins_for_search_raise_the_target_for_rounded_keys() -> None:
-    assert knnmem.eval.bins_for_search(32, 0.9) == 145
-    assert knnmem.eval.bins_for_search(32, 0.9, "bfloat16") == bins_for_recall(32, 0.92)
-    assert knnmem.eval.bins_for_search(32, 0.9, "int8") == bins_for_recall(32, 0.92)
-    assert knnmem.eval.bins_for_search(32, 1.0, "int8") == 0
+    assert bins_for_recall(32, 0.92) == 184
+    assert bins_for_search(32, 0.9, "bfloat16") == 192
+    assert bins_for_search(32, 0.9, "int8") == 192
+    assert bins_for_search(32, 1.0, "int8") == 0
+
+
+def test_bins_for_search_come_in_groups_of_16() -> None:
+    # 16 or more bins are rounded up to a multiple of 16 (the CPU kernels' vectors).
+    assert bins_for_search(32, 0.9) == 160 and bins_for_search(32, 0.95) == 304
+    assert bins_for_search(1, 0.5) == 1 and bins_for_search(7, 1.0) == 0
+    for k in (1, 8, 32, 128):
+        for target in (0.5, 0.8, 0.9, 0.95, 0.99):
+            least, bins = bins_for_recall(k, target), bins_for_search(k, target)
+            assert bins == least if least < 16 else (bins % 16 == 0 and least <= bins < least + 16)
 
 
 def test_expected_recall_formula() -> None:
@@ -130,7 +140,7 @@ def test_recall_at_default_target_with_many_memories() -> None:
     queries = unit(rows[:, :, ::16] + 0.05 * rng.standard_normal((2, 3, 512, DIM)))
     exact = mem.search(queries, k=32, recall_target=1.0)
     approx = mem.search(queries, k=32)
-    predicted = expected_recall(bins_for_recall(32, 0.9), 32)
+    predicted = expected_recall(bins_for_search(32, 0.9), 32)
     for cell in np.ndindex(2, 3):
         assert abs(recall(approx.indices[cell], exact.indices[cell]) - predicted) <= 0.02
     # Returned keys/values are the stored rows of the returned positions.
@@ -155,4 +165,4 @@ def test_bins_strided_in_stream_order_would_fail_the_periodic_stream() -> None:
     placed[slot_of] = rows  # the layout knnmem.Memory writes
     approx = knnmem.ops.search(placed[None], values, written, queries[None], k=32)
     exact = knnmem.ops.search(placed[None], values, written, queries[None], k=32, recall_target=1.0)
-    assert abs(recall(approx.indices, exact.indices) - expected_recall(145, 32)) <= 0.02
+    assert abs(recall(approx.indices, exact.indices) - expected_recall(160, 32)) <= 0.02

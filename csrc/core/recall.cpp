@@ -100,7 +100,11 @@ int64_t bins_for_search(int64_t k, double recall_target, KeyFormat format) {
   if (format != KeyFormat::kFloat32 && recall_target < 1.0) {
     recall_target = 1.0 - 0.8 * (1.0 - recall_target);
   }
-  return bins_for_recall(k, recall_target);
+  // Bins come in whole groups of 16 (one vector of slots): every 16 slots from a
+  // multiple of 16 then land on 16 aligned bins, and slots s, s + L, s + 2L, ..
+  // on the same ones, which the CPU kernels reduce in registers. Recall only rises.
+  const int64_t bins = bins_for_recall(k, recall_target);
+  return bins < kBinGroup ? bins : (bins + kBinGroup - 1) / kBinGroup * kBinGroup;
 }
 
 }  // namespace knnmem

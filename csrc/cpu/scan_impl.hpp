@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/kernels.hpp"
 
@@ -24,7 +25,8 @@ namespace {
 template <class V>
 struct Scan {
   static constexpr int W = V::W;
-  static constexpr int64_t kBlock = 256;  // slots per key block (L2-resident)
+  static constexpr int64_t kBlock = 256;                    // slots per key block (L2-resident)
+  static constexpr int64_t kStridedBlockBytes = 384 << 10;  // keys per block of strided tiles
   static constexpr uint32_t kAll = W == 32 ? 0xFFFFFFFFu : (1u << W) - 1;
   using F = typename V::F;
 
@@ -114,13 +116,13 @@ struct Scan {
            slot % kPanel;
   }
 
-  // acc[r][c] = <query q0 + r, keys of the C vectors of slots from s>.
+  // acc[r][c] = <query q0 + r, keys of the vector of slots from s + c * step>.
   template <KeyFormat KF, int R, int C>
-  void accumulate(int64_t q0, int64_t s, F (&acc)[R][C]) const {
+  void accumulate(int64_t q0, int64_t s, int64_t step, F (&acc)[R][C]) const {
     if constexpr (KF == KeyFormat::kFloat32) {
       const int64_t dim = a.dim;
       const float* kp[C];
-      for (int c = 0; c < C; ++c) kp[c] = panel_at<float>(s + c * W, dim);
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<float>(s + c * step, dim);
       const float* qp = a.queries + q0 * a.q_stride;
       for (int64_t i = 0; i < dim; ++i) {
         F kv[C];
@@ -134,7 +136,7 @@ struct Scan {
       // bfloat16 pairs: word i of a slot holds dims 2i (low half) and 2i+1
       const int64_t rows = (a.dim + 1) / 2;
       const uint32_t* kp[C];
-      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * W, rows);
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * step, rows);
       if constexpr (V::kNativeBF16) {  // one dot-product instruction per pair
         const uint32_t* qw = a.query_words + q0 * rows;
         for (int64_t i = 0; i < rows; ++i) {
@@ -164,7 +166,7 @@ struct Scan {
       // panel), widened to float32; queries stay float32
       const int64_t dim = a.dim;
       const uint16_t* kp[C];
-      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint16_t>(s + c * W, 2 * ((dim + 1) / 2));
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint16_t>(s + c * step, 2 * ((dim + 1) / 2));
       const float* qp = a.queries + q0 * a.q_stride;
       for (int64_t i = 0; i < dim; ++i) {
         F kv[C];
@@ -177,7 +179,7 @@ struct Scan {
     } else {  // int8: four dims per word, 7-bit unsigned queries, integer sums
       const int64_t rows = (a.dim + 3) / 4;
       const uint32_t* kp[C];
-      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * W, rows);
+      for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * step, rows);
       const uint32_t* qw = a.query_words + q0 * rows;
       typename V::I sums[R][C];
       for (int r = 0; r < R; ++r) {
@@ -197,7 +199,7 @@ struct Scan {
       // (measured: 1.7x slower int8 scans on AVX512_VNNI).
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
-        const int64_t at = s + c * W - a.begin;
+        const int64_t at = s + c * step - a.begin;
         const auto offset = V::shl6(V::load_slots(a.key_sum + at));
         const F key_scale = V::load(a.key_scale + at);
 #pragma GCC unroll 16
@@ -209,25 +211,32 @@ struct Scan {
     }
   }
 
-  // Scores of R queries (from q0) against C vectors of slots (from s), then
-  // the metric, the live mask and the reduction.
-  // `bin` = s mod num_bins (0 without bins).
-  template <KeyFormat KF, int R, int C>
+  // Scores of R queries (from q0) against C vectors of slots, then the metric,
+  // the live mask and the reduction. Contiguous tiles (kStrided false) cover
+  // slots s .. s + C W - 1; `bin` = s mod num_bins (0 without bins). Strided
+  // tiles cover the vectors at s, s + L, .., s + (C - 1) L (L = num_bins, a
+  // multiple of W): all on the bins from `bin`, so they are reduced in
+  // registers first -- in slot order, keeping the first of equal scores -- and
+  // reach the bins in memory once per query.
+  template <KeyFormat KF, int R, int C, bool kStrided = false>
   void tile(int64_t q0, int64_t s, int64_t bin) const {
+    const int64_t step = kStrided ? a.num_bins : W;
     F acc[R][C];
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
     }
-    accumulate<KF, R, C>(q0, s, acc);
+    accumulate<KF, R, C>(q0, s, step, acc);
+    F best[R];
+    typename V::I best_slots[R];
     for (int c = 0; c < C; ++c) {
-      const int64_t sc = s + c * W;
-      if (sc >= a.end) break;
+      const int64_t sc = s + c * step;
+      if (!kStrided && sc >= a.end) break;
       const uint32_t live = live_lanes(sc);
       const auto live_mask = V::from_bits(live);
       const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
       F aux = V::zero();
       if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
-      if (c > 0) bin = next_bin(bin, W);
+      if (!kStrided && c > 0) bin = next_bin(bin, W);
       const auto slots = V::slots(static_cast<int32_t>(sc));
       for (int r = 0; r < R; ++r) {
         F v = acc[r][c];
@@ -238,12 +247,24 @@ struct Scan {
           v = V::min(V::zero(), V::sub(V::add(v, v), norms));
         }
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
-        if (a.num_bins > 0) {
+        if constexpr (kStrided) {
+          if (c == 0) {
+            best[r] = v;
+            best_slots[r] = slots;
+          } else {
+            const auto take = V::gt(v, best[r]);
+            best[r] = V::select(take, v, best[r]);
+            best_slots[r] = V::select_slots(take, slots, best_slots[r]);
+          }
+        } else if (a.num_bins > 0) {
           reduce_bins(q0 + r, v, sc, bin, slots);
         } else {
           reduce_topk(q0 + r, v, sc);
         }
       }
+    }
+    if constexpr (kStrided) {
+      for (int r = 0; r < R; ++r) reduce_bins(q0 + r, best[r], s, bin, best_slots[r]);
     }
   }
 
@@ -262,21 +283,61 @@ struct Scan {
     for (; s < s1; s += W, bin = next_bin(bin, W)) tile<KF, R, 1>(q0, s, bin);
   }
 
-  // Tiles of R queries x C vectors over blocks of slots.
+  // Strided tiles over the C L slots from s0: one per vector of bins.
+  template <KeyFormat KF, int R, int C>
+  void rows_of_strided_block(int64_t q0, int64_t s0) const {
+    int64_t bin = s0 % a.num_bins;
+    for (int64_t t = 0; t < a.num_bins; t += W, bin = next_bin(bin, W)) {
+      tile<KF, R, C, true>(q0, s0 + t, bin);
+    }
+  }
+
+  // Every query, in tiles of R, then R / 2, then single rows.
+  template <KeyFormat KF, int R, class Rows>
+  void for_queries(Rows rows) const {
+    int64_t q = 0;
+    for (; q + R <= a.num_queries; q += R) rows(q, std::integral_constant<int, R>{});
+    if constexpr (R / 2 > 1) {
+      if (a.num_queries - q >= R / 2) {
+        rows(q, std::integral_constant<int, R / 2>{});
+        q += R / 2;
+      }
+    }
+    for (; q < a.num_queries; ++q) rows(q, std::integral_constant<int, 1>{});
+  }
+
+  // Tiles of R queries x C vectors over blocks of slots. With bins in whole
+  // vectors (L a multiple of W) and C L slots of keys small enough for L2, the
+  // slots go in blocks of C L, in strided tiles; the rest in blocks of kBlock.
   template <KeyFormat KF, int R, int C>
   void run() const {
-    for (int64_t s0 = a.begin; s0 < a.end; s0 += kBlock) {
-      const int64_t s1 = lo(a.end, s0 + kBlock);
-      int64_t q = 0;
-      for (; q + R <= a.num_queries; q += R) rows_of_block<KF, R, C>(q, s0, s1);
-      // Fewer than R queries left: one smaller tile height, then single rows.
-      if constexpr (R / 2 > 1) {
-        if (a.num_queries - q >= R / 2) {
-          rows_of_block<KF, R / 2, C>(q, s0, s1);
-          q += R / 2;
-        }
+    const int64_t L = a.num_bins;
+    int64_t s0 = a.begin;
+    if (L >= W && L % W == 0 && C * L * slot_bytes() <= kStridedBlockBytes) {
+      for (; s0 + C * L <= a.end; s0 += C * L) {
+        for_queries<KF, R>([&](int64_t q, auto rows) {
+          rows_of_strided_block<KF, decltype(rows)::value, C>(q, s0);
+        });
       }
-      for (; q < a.num_queries; ++q) rows_of_block<KF, 1, C>(q, s0, s1);
+    }
+    for (; s0 < a.end; s0 += kBlock) {
+      const int64_t s1 = lo(a.end, s0 + kBlock);
+      for_queries<KF, R>(
+          [&](int64_t q, auto rows) { rows_of_block<KF, decltype(rows)::value, C>(q, s0, s1); });
+    }
+  }
+
+  // Bytes of keys per slot.
+  int64_t slot_bytes() const {
+    switch (a.key_format) {
+      case KeyFormat::kBFloat16:
+        return 4 * ((a.dim + 1) / 2);
+      case KeyFormat::kFloat16:
+        return 2 * (2 * ((a.dim + 1) / 2));
+      case KeyFormat::kInt8:
+        return 4 * ((a.dim + 3) / 4);
+      default:
+        return 4 * a.dim;
     }
   }
 };

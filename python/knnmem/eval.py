@@ -23,8 +23,9 @@ def bins_for_recall(k: int, recall_target: float) -> int:
 
 def bins_for_search(k: int, recall_target: float, dtype: str = "float32") -> int:
     """The bins a search of a memory with key storage `dtype` uses: bins_for_recall,
-    with the target raised to 1 - 0.8 (1 - target) for bfloat16 and int8 keys, whose
-    rounding moves near-ties across the k-th."""
+    with the target raised to 1 - 0.8 (1 - target) for bfloat16, float16 and int8 keys,
+    whose rounding moves near-ties across the k-th, and 16 or more bins rounded up to a
+    multiple of 16 (whole vectors of bins for the CPU kernels; recall only rises)."""
     return _core.bins_for_search(k, recall_target, dtype)
 
 

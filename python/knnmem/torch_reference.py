@@ -8,7 +8,7 @@ computes on the same ring (keys [*shape, capacity, key_dim], values
   (knnmem.ops.placement);
 * a memory holding n = min(written, capacity) rows scans the slots whose stream
   offset is < written;
-* with L = bins_for_recall(k, recall_target) bins (0 = exact), if L == 0 or
+* with L = bins_for_search(k, recall_target, precision) bins (0 = exact), if L == 0 or
   L >= n the answer is the exact top-k, else each query keeps the best slot of
   every bin (bin = slot % L; ties: lowest slot) and returns the exact top-k of
   those winners; if fewer than min(k, n) bins hold a row, the exact top-k;

@@ -6,14 +6,15 @@ accumulation) and folds the [bq, bk] scores into per-query running (max, slot) p
 in VMEM scratch. Nothing is sorted inside the kernel: the fold is max / compare / select
 and one lane rotation per 128 slots.
 
-Bins are strided over physical slots, bin(slot) = slot mod L, with L = bins_for_recall
-(any L, usually not a multiple of 128). Instead of scattering lanes into bins, the kernel
-keeps W = 128 * ((L - 1) // 128 + 2) positions per query: the 128 slots of the chunk
-that starts at slot c go to positions o .. o + 127, o = c mod L (the chunk rotated by
-o mod 128 lanes, split between two 128-lane blocks of the accumulator). Position p only
-ever receives slots with slot mod L == p mod L, in increasing slot order, so a strict
-``>`` keeps the lowest slot among equal scores, as the reference's argmax does. The 2-3
-positions of each bin are folded into the L bin winners outside the kernel (plain JAX).
+Bins are strided over physical slots, bin(slot) = slot mod L, with L = bins_for_search
+(any L works here; the engine's is a multiple of 16, rarely of 128). Instead of
+scattering lanes into bins, the kernel keeps W = 128 * ((L - 1) // 128 + 2) positions
+per query: the 128 slots of the chunk that starts at slot c go to positions o .. o +
+127, o = c mod L (the chunk rotated by o mod 128 lanes, split between two 128-lane
+blocks of the accumulator). Position p only ever receives slots with slot mod L == p mod
+L, in increasing slot order, so a strict ``>`` keeps the lowest slot among equal scores,
+as the reference's argmax does. The 2-3 positions of each bin are folded into the L bin
+winners outside the kernel (plain JAX).
 """
 
 from __future__ import annotations

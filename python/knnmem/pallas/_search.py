@@ -104,7 +104,7 @@ def search_flat(
     winners from the kernel. Exact searches (L == 0 or L >= C) and memories of fewer
     than 128 slots run the plain-JAX reference."""
     g, cap, _ = keys.shape
-    nb = int(_core.bins_for_recall(k, recall_target))
+    nb = int(_core.bins_for_search(k, recall_target))
     if nb == 0 or nb >= cap or cap < LANES:
         return kj._search_reference_flat(
             keys, values, written, queries, k, recall_target, metric, "float32"
