@@ -128,10 +128,4 @@ static inline float quantize_int8(const float* x, int64_t dim, int32_t& sum, Put
   return scale;
 }
 
-// Dim i of an int8 row stored as words, times its scale.
-static inline float int8_at(const uint32_t* words, int64_t stride, int64_t i, float scale) {
-  const uint32_t word = words[(i / 4) * stride];
-  return static_cast<float>(static_cast<int8_t>(word >> (8 * (i % 4)))) * scale;
-}
-
 }  // namespace knnmem::detail

@@ -271,8 +271,12 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
     const uint32_t* lane = static_cast<const uint32_t*>(m.keys) +
                            base * key_words(KeyFormat::kInt8, m.key_dim) + slot % kPanelSlots;
     const float scale = m.key_scale[g * padded_capacity(m.capacity) + slot];
-    for (int64_t i = 0; i < m.key_dim; ++i)
-      scratch[i] = detail::int8_at(lane, kPanelSlots, i, scale);
+    for (int64_t i = 0; i < m.key_dim; i += 4) {  // a word holds dims i .. i + 3
+      const uint32_t word = lane[(i / 4) * kPanelSlots];
+      for (int64_t b = 0; b < 4 && i + b < m.key_dim; ++b) {
+        scratch[i + b] = static_cast<float>(static_cast<int8_t>(word >> (8 * b))) * scale;
+      }
+    }
     return scratch;
   }
   const int64_t pairs = (m.key_dim + 1) / 2;
