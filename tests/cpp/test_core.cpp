@@ -93,7 +93,8 @@ void test_search() {
     for (int64_t j = 0; j < k; ++j) hits += truth.count(approx.indices[i * k + j]);
   }
   const double recall = static_cast<double>(hits) / (nq * k);
-  const double predicted = knnmem::expected_recall(knnmem::bins_for_recall(k, 0.9), k);
+  const double predicted =
+      knnmem::expected_recall(knnmem::bins_for_search(k, 0.9, knnmem::KeyFormat::kFloat32), k);
   std::printf("recall %.4f, predicted %.4f\n", recall, predicted);
   CHECK(std::abs(recall - predicted) < 0.03);
 }
