@@ -78,6 +78,15 @@ static inline uint32_t bf16_pair(const float* x, int64_t dim, int64_t i) {
   return lo | (hi << 16);
 }
 
+// Dim i of a key stored as bfloat16 pairs (above) or as int8 words (below), its
+// words `stride` apart (kPanelSlots in a panel, 1 in a row).
+static inline uint16_t bf16_dim(const uint32_t* words, int64_t stride, int64_t i) {
+  return static_cast<uint16_t>(words[(i / 2) * stride] >> (16 * (i % 2)));
+}
+static inline int8_t int8_dim(const uint32_t* words, int64_t stride, int64_t i) {
+  return static_cast<int8_t>(words[(i / 4) * stride] >> (8 * (i % 4)));
+}
+
 // int8 row quantisation: q_i = round(x_i / scale) (halves away from zero),
 // scale = max|x| / 127, so q_i in [-127, 127]. Writes ceil(dim / 4) words (4
 // dims each, lowest byte first, 0 past dim) through put(i, word); returns the

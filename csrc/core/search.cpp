@@ -194,6 +194,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   args.dim = dim;
   args.q_stride = q_stride;
   args.key_format = format;
+  args.key_words = key_words(format, dim);
   args.metric = metric;
   args.masked_begin = range.masked_begin;
   args.offset_of = m.placement->offset_of();
@@ -271,19 +272,15 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
     const uint32_t* lane = static_cast<const uint32_t*>(m.keys) +
                            base * key_words(KeyFormat::kInt8, m.key_dim) + slot % kPanelSlots;
     const float scale = m.key_scale[g * padded_capacity(m.capacity) + slot];
-    for (int64_t i = 0; i < m.key_dim; i += 4) {  // a word holds dims i .. i + 3
-      const uint32_t word = lane[(i / 4) * kPanelSlots];
-      for (int64_t b = 0; b < 4 && i + b < m.key_dim; ++b) {
-        scratch[i + b] = static_cast<float>(static_cast<int8_t>(word >> (8 * b))) * scale;
-      }
+    for (int64_t i = 0; i < m.key_dim; ++i) {
+      scratch[i] = static_cast<float>(detail::int8_dim(lane, kPanelSlots, i)) * scale;
     }
     return scratch;
   }
   const int64_t pairs = (m.key_dim + 1) / 2;
-  const uint32_t* panel = static_cast<const uint32_t*>(m.keys) + base * pairs;
+  const uint32_t* panel = static_cast<const uint32_t*>(m.keys) + base * pairs + lane;
   for (int64_t i = 0; i < m.key_dim; ++i) {
-    const uint32_t word = panel[(i / 2) * kPanelSlots + lane];
-    scratch[i] = detail::from_bf16(static_cast<uint16_t>(i % 2 ? word >> 16 : word));
+    scratch[i] = detail::from_bf16(detail::bf16_dim(panel, kPanelSlots, i));
   }
   return scratch;
 }

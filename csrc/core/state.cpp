@@ -90,13 +90,13 @@ void Memory::export_state(const State& out) const {
         const uint32_t* src = words_at + lane;
         uint16_t* dst = reinterpret_cast<uint16_t*>(key_row);
         for (int64_t d = 0; d < key_dim_; ++d) {
-          dst[d] = static_cast<uint16_t>(src[(d / 2) * kPanelSlots] >> (16 * (d % 2)));
+          dst[d] = detail::bf16_dim(src, kPanelSlots, d);
         }
       } else {
         const uint32_t* src = words_at + lane;
         int8_t* dst = reinterpret_cast<int8_t*>(key_row);
         for (int64_t d = 0; d < key_dim_; ++d) {
-          dst[d] = static_cast<int8_t>(src[(d / 4) * kPanelSlots] >> (8 * (d % 4)));
+          dst[d] = detail::int8_dim(src, kPanelSlots, d);
         }
         *scale = key_scale_[g * padded + slot];
       }
@@ -196,9 +196,7 @@ void Memory::import_state(const State& in) {
         key_scale_[g * padded + slot] = scale;
         key_sum_[g * padded + slot] = sum;
         stored_sq = detail::sum_squares(key_dim_, [&](int64_t i) {
-          return static_cast<float>(
-                     static_cast<int8_t>(dst[(i / 4) * kPanelSlots] >> (8 * (i % 4)))) *
-                 scale;
+          return static_cast<float>(detail::int8_dim(dst, kPanelSlots, i)) * scale;
         });
       }
       std::memcpy(values_ + (g * capacity_ + slot) * value_dim_, in.values + row * value_dim_,

@@ -63,16 +63,12 @@ inline float store_key(KeyFormat format, const float* key, int64_t dim, void* pa
     *scale = s = quantize_int8(key, dim, *sum,
                                [&](int64_t w, uint32_t word) { dst[w * kPanelSlots] = word; });
     if (!norm) return 0.0f;
-    return sum_squares(dim, [&](int64_t i) {
-      return static_cast<float>(static_cast<int8_t>(dst[(i / 4) * kPanelSlots] >> (8 * (i % 4)))) *
-             s;
-    });
+    return sum_squares(
+        dim, [&](int64_t i) { return static_cast<float>(int8_dim(dst, kPanelSlots, i)) * s; });
   }
   for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
   if (!norm) return 0.0f;
-  return sum_squares(dim, [&](int64_t i) {
-    return from_bf16(static_cast<uint16_t>(dst[(i / 2) * kPanelSlots] >> (16 * (i % 2))));
-  });
+  return sum_squares(dim, [&](int64_t i) { return from_bf16(bf16_dim(dst, kPanelSlots, i)); });
 }
 
 }  // namespace knnmem::detail

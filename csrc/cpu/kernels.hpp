@@ -62,6 +62,7 @@ struct ScanArgs {
   // `key_aux` at the entry of slot `begin`: 1/|k| for cosine (0 for a zero
   // key), |k|^2 for l2, unused for ip.
   KeyFormat key_format = KeyFormat::kFloat32;
+  int64_t key_words = 0;  // 32-bit words per slot: key_words(key_format, dim)
   const void* panels = nullptr;
   const float* key_aux = nullptr;
   // int8 keys (from slot `begin`): k ~= key_scale * k8, key_sum = sum of k8.

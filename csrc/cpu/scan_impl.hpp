@@ -313,7 +313,7 @@ struct Scan {
   void run() const {
     const int64_t L = a.num_bins;
     int64_t s0 = a.begin;
-    if (L >= W && L % W == 0 && C * L * slot_bytes() <= kStridedBlockBytes) {
+    if (L >= W && L % W == 0 && C * L * 4 * a.key_words <= kStridedBlockBytes) {
       for (; s0 + C * L <= a.end; s0 += C * L) {
         for_queries<KF, R>([&](int64_t q, auto rows) {
           rows_of_strided_block<KF, decltype(rows)::value, C>(q, s0);
@@ -324,20 +324,6 @@ struct Scan {
       const int64_t s1 = lo(a.end, s0 + kBlock);
       for_queries<KF, R>(
           [&](int64_t q, auto rows) { rows_of_block<KF, decltype(rows)::value, C>(q, s0, s1); });
-    }
-  }
-
-  // Bytes of keys per slot.
-  int64_t slot_bytes() const {
-    switch (a.key_format) {
-      case KeyFormat::kBFloat16:
-        return 4 * ((a.dim + 1) / 2);
-      case KeyFormat::kFloat16:
-        return 2 * (2 * ((a.dim + 1) / 2));
-      case KeyFormat::kInt8:
-        return 4 * ((a.dim + 3) / 4);
-      default:
-        return 4 * a.dim;
     }
   }
 };
