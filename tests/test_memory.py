@@ -208,10 +208,49 @@ def test_ops_equal_memory(metric: str, target: float, dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_results_of_big_memories_equal_ops(dtype: str) -> None:
-    """Memories with over 4 MiB of keys copy their results' keys and values in slot
-    order (search.cpp, Gather), smaller ones in result order: same results, including
-    a memory holding fewer rows than k (zero keys/values for the misses)."""
+    """Memories with over 4 MiB of keys copy their results' keys and values panel by
+    panel once every memory is searched (search.cpp, Gather), smaller ones per piece of
+    queries: same results, including a memory holding fewer rows than k (zero
+    keys/values for the misses)."""
     check_memory_equals_ops((2,), 36_000, 130, "ip", 0.9, dtype, (20_000, 0, 30, 16_500))
+
+
+def test_results_bigger_than_the_caches_equal_ops() -> None:
+    """Keys and values of results over 8 MiB are written with streaming stores."""
+    rng = np.random.default_rng(11)
+    shape, capacity, d = (4,), 4096, 64
+    mem = knnmem.Memory(shape, capacity, d, d)
+    keys, values, written = knnmem.ops.init(shape, capacity, d, d)
+    for _ in range(2):
+        k, v = rows(rng, shape, 3000, d), rows(rng, shape, 3000, d)
+        mem.add(k, v)
+        knnmem.ops.add(keys, values, written, k, v)
+    q = rows(rng, shape, 300, d)  # 4 x 300 x 32 results x 128 floats: 19.7 MB
+    a = mem.search(q, k=32)
+    b = knnmem.ops.search(keys, values, written, q, k=32)
+    for name in ("scores", "indices", "keys", "values", "mask"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_zero_keys_tie_by_slot() -> None:
+    """Under cosine a zero key scores 0 (its 1/|k| is 0): with every other key scoring
+    below 0, the top k are all ties at 0 (more of them than k in every bin), returned
+    lowest slot first in both modes, as by the reference."""
+    rng = np.random.default_rng(12)
+    capacity, d = 2048, 8
+    k = -np.abs(rows(rng, (1,), capacity, d))  # every key scores < 0 against q > 0 ...
+    k[0, ::3] = 0.0  # ... but a third, the zero keys
+    mem = knnmem.Memory(1, capacity, d, 1, metric="cosine")
+    keys, values, written = knnmem.ops.init((1,), capacity, d, 1)
+    v = rows(rng, (1,), capacity, 1)
+    mem.add(k, v)
+    knnmem.ops.add(keys, values, written, k, v)
+    q = np.abs(rows(rng, (1,), 5, d))
+    for target in (0.9, 1.0):
+        a = mem.search(q, k=32, recall_target=target)
+        b = knnmem.ops.search(keys, values, written, q, k=32, recall_target=target, metric="cosine")
+        assert np.all(a.scores == 0.0)
+        np.testing.assert_array_equal(a.indices, b.indices)
 
 
 def test_results_follow_the_queries_framework() -> None:

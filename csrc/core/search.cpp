@@ -306,6 +306,17 @@ void end_streams(const Plan& p) {
   (void)p;
 }
 
+// Asks for the value row of a slot a few hits before it is copied: values are
+// not touched by the scan, so they come from memory.
+constexpr int64_t kPrefetchHits = 8;
+void prefetch_value(const Plan& p, int64_t g, int64_t slot) {
+  const MemoryView& m = *p.m;
+  if (!p.out->values) return;
+  const char* row =
+      reinterpret_cast<const char*>(m.values + (g * m.capacity + slot) * m.value_stride);
+  for (int64_t b = 0; b < m.value_dim * 4; b += 64) __builtin_prefetch(row + b);
+}
+
 // The stored key and the value of a hit into result row o.
 void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
   const MemoryView& m = *p.m;
@@ -318,102 +329,219 @@ void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch)
   }
 }
 
-// Sorts the best k of `cands` to the front and writes query q's results.
-// Keys and values of hits are copied here, or, where p.hit_slots is set, their
-// slots are recorded for Gather. Misses get zero keys and values.
-void write_result(const Plan& p, int64_t g, int64_t q, std::vector<Candidate>& cands,
-                  float* scratch) {
+// Writes query q's scores, indices and mask from its `found` best candidates
+// (in result order) and the slots of its results (-1: none) to `slots`; the
+// keys and values of misses are zeroed here, those of hits copied later, panel
+// by panel (PanelOrder).
+void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, int64_t found,
+                  int32_t* slots) {
   const MemoryView& m = *p.m;
   const int64_t k = p.opt->k;
   const int64_t written = m.written[g];
-  const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(cands.size()));
-  // `better` is a total order (slots differ), so this is partial_sort's result;
-  // selecting first is faster for the ~5k bin winners of a query.
-  if (found < static_cast<int64_t>(cands.size())) {
-    std::nth_element(cands.begin(), cands.begin() + found, cands.end(), better);
-  }
-  std::sort(cands.begin(), cands.begin() + found, better);
   const int64_t o = (g * p.num_queries + q) * k;
   const SearchOutput& out = *p.out;
   for (int64_t j = 0; j < k; ++j) {
     const bool hit = j < found;
-    const int64_t slot = hit ? cands[static_cast<std::size_t>(j)].slot : -1;
-    out.scores[o + j] = hit ? cands[static_cast<std::size_t>(j)].score : kNegInf;
+    const int32_t slot = hit ? best[j].slot : -1;
+    out.scores[o + j] = hit ? best[j].score : kNegInf;
     out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
     out.mask[o + j] = hit;
-    if (p.hit_slots) {
-      p.hit_slots[o + j] = static_cast<int32_t>(slot);
-    } else if (hit) {
-      copy_hit(p, g, slot, o + j, scratch);
-    }
+    slots[j] = slot;
     if (hit) continue;
     if (out.keys) std::fill_n(out.keys + (o + j) * m.key_dim, m.key_dim, 0.0f);
     if (out.values) std::fill_n(out.values + (o + j) * m.value_dim, m.value_dim, 0.0f);
   }
 }
 
-// Copies the keys and values of the hits into the outputs, panel by panel,
-// for memories too big for the caches. A key in panels is spread over one
-// cache line per dimension (its whole 16-slot panel), so fetching hits in
-// result order reads a panel from memory per hit; in slot order every panel
-// is read once. (Small memories copy in result order, in write_result: their
-// panels are still cached from the scan, and the outputs are written in order.)
+// Result rows grouped by the panel of their slot (a counting sort), so that
+// keys and values are copied panel by panel. A key in panels is spread over
+// one cache line per dimension -- its whole 16-slot panel --, so copying hits
+// in result order reads a panel per hit (for 32 hits of a query, 32 panels,
+// mostly gone from L1 since the scan); in panel order each panel is read once,
+// and the values row after row.
+class PanelOrder {
+ public:
+  // Rows [0, n) of `slots`; slot -1 (a miss) is left out.
+  void sort(const int32_t* slots, int64_t n, int64_t panels) {
+    first_.assign(static_cast<std::size_t>(panels + 1), 0);
+    order_.resize(static_cast<std::size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      if (slots[i] >= 0) ++first_[static_cast<std::size_t>(slots[i] / kPanelSlots + 1)];
+    }
+    for (int64_t b = 0; b < panels; ++b) first_[b + 1] += first_[b];
+    next_.assign(first_.begin(), first_.end() - 1);
+    for (int64_t i = 0; i < n; ++i) {
+      if (slots[i] >= 0) order_[next_[slots[i] / kPanelSlots]++] = static_cast<int32_t>(i);
+    }
+  }
+
+  // Copies the hits in panels [b0, b1) of memory g, whose rows start at result row `row0`.
+  void copy(const Plan& p, int64_t g, const int32_t* slots, int64_t row0, int64_t b0, int64_t b1,
+            float* scratch) const {
+    const int64_t end = first_[b1];
+    for (int64_t h = first_[b0]; h < end; ++h) {
+      if (h + kPrefetchHits < end) prefetch_value(p, g, slots[order_[h + kPrefetchHits]]);
+      const int64_t i = order_[h];
+      copy_hit(p, g, slots[i], row0 + i, scratch);
+    }
+    end_streams(p);
+  }
+
+ private:
+  std::vector<int64_t> first_;  // [panels + 1]: where each panel's rows start in order_
+  std::vector<int64_t> next_;
+  std::vector<int32_t> order_;  // rows, by panel
+};
+
+// A score as an unsigned integer of the same order (-0 folded into +0, so
+// that equal scores stay equal); empty bins get 0, below every score.
+inline uint32_t ordered_score(float score) {
+  const float f = score + 0.0f;
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+}
+
+// The best candidates of one query's bin winners, without comparison sorts
+// (whose branches on ~160 random scores cost more than the scan of a small
+// memory): the n-th best score is found bit by bit, from the top, by counting
+// the scores at or above a candidate value -- branch-free loops the compiler
+// vectorizes --, the bins above it are taken, ties at it by lowest slot, and
+// the chosen few are put in order by counting, for each, the better ones.
+class BinSelect {
+ public:
+  explicit BinSelect(int64_t num_bins)
+      : key_(static_cast<std::size_t>(num_bins)),
+        score_(static_cast<std::size_t>(num_bins)),
+        slot_(static_cast<std::size_t>(num_bins)) {}
+
+  // Merges query row `row` of the partial states (ascending slot ranges: on
+  // equal scores the earlier, lower slot stays) and returns how many bins are
+  // not empty.
+  int64_t merge(const Partial* parts, int64_t nparts, int64_t row) {
+    const int64_t L = static_cast<int64_t>(key_.size());
+    const float* best = parts[0].best.data() + row * L;
+    const int32_t* slot = parts[0].slot.data() + row * L;
+    if (nparts > 1) {
+      std::copy_n(best, L, score_.data());
+      std::copy_n(slot, L, slot_.data());
+      for (int64_t s = 1; s < nparts; ++s) {
+        const float* b = parts[s].best.data() + row * L;
+        const int32_t* t = parts[s].slot.data() + row * L;
+        for (int64_t i = 0; i < L; ++i) {
+          const bool take = b[i] > score_[i];
+          score_[i] = take ? b[i] : score_[i];
+          slot_[i] = take ? t[i] : slot_[i];
+        }
+      }
+      best = score_.data();
+      slot = slot_.data();
+    }
+    score_at_ = best;
+    slot_at_ = slot;
+    int64_t filled = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      key_[i] = slot[i] >= 0 ? ordered_score(best[i]) : 0u;
+      filled += slot[i] >= 0;
+    }
+    return filled;
+  }
+
+  // The best n (<= the filled bins) of the merged bins into out, in order.
+  void select(int64_t n, Candidate* out) {
+    if (n == 0) return;
+    const int64_t L = static_cast<int64_t>(key_.size());
+    const uint32_t* key = key_.data();
+    uint32_t t = 0;  // ends as the largest value with >= n keys at or above it
+    for (int bit = 31; bit >= 0; --bit) {
+      const uint32_t c = t | (1u << bit);
+      int32_t at_or_above = 0;
+      for (int64_t i = 0; i < L; ++i) at_or_above += key[i] >= c;
+      if (at_or_above >= n) t = c;
+    }
+    chosen_.clear();
+    ties_.clear();
+    for (int64_t i = 0; i < L; ++i) {
+      if (key[i] > t) chosen_.push_back(static_cast<int32_t>(i));
+      if (key[i] == t) ties_.push_back(static_cast<int32_t>(i));
+    }
+    const std::size_t need = static_cast<std::size_t>(n) - chosen_.size();
+    if (ties_.size() > need) {
+      std::nth_element(ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need),
+                       ties_.end(),
+                       [&](int32_t a, int32_t b) { return slot_at_[a] < slot_at_[b]; });
+    }
+    chosen_.insert(chosen_.end(), ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need));
+    const std::size_t m = chosen_.size();
+    if (m > kRankSortMax) {
+      for (std::size_t j = 0; j < m; ++j) out[j] = {score_at_[chosen_[j]], slot_at_[chosen_[j]]};
+      std::sort(out, out + m, better);
+      return;
+    }
+    // Rank of each chosen bin = how many chosen bins are better (distinct slots: a permutation).
+    ck_.resize(m);
+    cs_.resize(m);
+    for (std::size_t j = 0; j < m; ++j) {
+      ck_[j] = key[chosen_[j]];
+      cs_[j] = slot_at_[chosen_[j]];
+    }
+    for (std::size_t j = 0; j < m; ++j) {
+      int32_t rank = 0;
+      for (std::size_t i = 0; i < m; ++i) {
+        rank += static_cast<int32_t>((ck_[i] > ck_[j]) | ((ck_[i] == ck_[j]) & (cs_[i] < cs_[j])));
+      }
+      out[rank] = {score_at_[chosen_[j]], cs_[j]};
+    }
+  }
+
+ private:
+  static constexpr std::size_t kRankSortMax = 64;  // above: a comparison sort (ranks cost m^2)
+  std::vector<uint32_t> key_;
+  std::vector<float> score_;
+  std::vector<int32_t> slot_;
+  const float* score_at_ = nullptr;
+  const int32_t* slot_at_ = nullptr;
+  std::vector<int32_t> chosen_, ties_;
+  std::vector<uint32_t> ck_;
+  std::vector<int32_t> cs_;
+};
+
+// Copies the keys and values of the hits of memories too big for the caches
+// once every memory's results are known: each memory's hits in PanelOrder, cut
+// into pieces of panels over the threads. (Smaller memories copy theirs in
+// finish, a piece of queries at a time, while their panels are still cached.)
 class Gather {
  public:
-  explicit Gather(const Plan& p) : p_(p), per_memory_(p.num_queries * p.opt->k) {
-    const int64_t panels = padded_capacity(p.m->capacity) / kPanelSlots;
+  explicit Gather(const Plan& p)
+      : p_(p),
+        per_memory_(p.num_queries * p.opt->k),
+        panels_(padded_capacity(p.m->capacity) / kPanelSlots),
+        orders_(static_cast<std::size_t>(p.m->grid)) {
     // Enough pieces per memory to keep every thread busy on a small grid.
     const int64_t want = 4 * static_cast<int64_t>(get_num_threads());
-    pieces_ = std::clamp<int64_t>((want + p.m->grid - 1) / p.m->grid, 1, panels);
-    first_.assign(static_cast<std::size_t>(p.m->grid * (panels + 1)), 0);
-    order_.resize(static_cast<std::size_t>(p.m->grid * per_memory_));
+    pieces_ = std::clamp<int64_t>((want + p.m->grid - 1) / p.m->grid, 1, panels_);
   }
 
   void run() {
-    // Counting sort of each memory's hits by panel, then the pieces.
-    detail::parallel_for(static_cast<std::size_t>(p_.m->grid),
-                         [&](std::size_t g) { sort(static_cast<int64_t>(g)); });
+    detail::parallel_for(orders_.size(), [&](std::size_t g) {
+      orders_[g].sort(p_.hit_slots + g * per_memory_, per_memory_, panels_);
+    });
     detail::parallel_for(static_cast<std::size_t>(p_.m->grid * pieces_), [&](std::size_t i) {
-      copy(static_cast<int64_t>(i) / pieces_, static_cast<int64_t>(i) % pieces_);
+      const int64_t g = static_cast<int64_t>(i) / pieces_;
+      const int64_t piece = static_cast<int64_t>(i) % pieces_;
+      std::vector<float> scratch(static_cast<std::size_t>(p_.m->key_dim));
+      orders_[static_cast<std::size_t>(g)].copy(p_, g, p_.hit_slots + g * per_memory_,
+                                                g * per_memory_, panels_ * piece / pieces_,
+                                                panels_ * (piece + 1) / pieces_, scratch.data());
     });
   }
 
  private:
-  int64_t panels() const { return padded_capacity(p_.m->capacity) / kPanelSlots; }
-
-  void sort(int64_t g) {
-    const int32_t* slots = p_.hit_slots + g * per_memory_;
-    int64_t* first = first_.data() + g * (panels() + 1);
-    int32_t* order = order_.data() + g * per_memory_;
-    for (int64_t i = 0; i < per_memory_; ++i) {
-      if (slots[i] >= 0) ++first[slots[i] / kPanelSlots + 1];
-    }
-    for (int64_t b = 0; b < panels(); ++b) first[b + 1] += first[b];
-    std::vector<int64_t> next(first, first + panels());
-    for (int64_t i = 0; i < per_memory_; ++i) {
-      if (slots[i] >= 0) order[next[static_cast<std::size_t>(slots[i] / kPanelSlots)]++] = i;
-    }
-  }
-
-  void copy(int64_t g, int64_t piece) {
-    const int32_t* slots = p_.hit_slots + g * per_memory_;
-    const int64_t* first = first_.data() + g * (panels() + 1);
-    const int32_t* order = order_.data() + g * per_memory_;
-    const int64_t b0 = panels() * piece / pieces_;
-    const int64_t b1 = panels() * (piece + 1) / pieces_;
-    std::vector<float> scratch(static_cast<std::size_t>(p_.m->key_dim));
-    for (int64_t h = first[b0]; h < first[b1]; ++h) {
-      const int64_t i = order[h];
-      copy_hit(p_, g, slots[i], g * per_memory_ + i, scratch.data());
-    }
-    end_streams(p_);
-  }
-
   const Plan& p_;
   int64_t per_memory_;
+  int64_t panels_;
   int64_t pieces_ = 1;
-  std::vector<int64_t> first_;  // [grid][panels + 1]: where each panel's hits start in order_
-  std::vector<int32_t> order_;  // [grid][Q * k]: result positions, by panel
+  std::vector<PanelOrder> orders_;
 };
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
@@ -427,23 +555,23 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   const int64_t shift = q0 - first;
   const int64_t live = std::min(p.m->written[g], p.m->capacity);
   const int64_t L = bins_for(p, live, exact);
-  const int64_t owed = std::min(p.opt->k, live);
-  std::vector<std::vector<Candidate>> cands(static_cast<std::size_t>(q1 - q0));
-  for (int64_t q = 0; q < q1 - q0; ++q) {
-    std::vector<Candidate>& c = cands[static_cast<std::size_t>(q)];
-    if (live == 0) continue;
-    if (L > 0) {
-      for (int64_t b = 0; b < L; ++b) {
-        Candidate best{kNegInf, -1};
-        for (int64_t s = 0; s < nparts; ++s) {
-          const int64_t at = (q + shift) * L + b;
-          const float v = parts[s].best[at];
-          if (v > best.score) best = {v, parts[s].slot[at]};
-        }
-        if (best.slot >= 0) c.push_back(best);
-      }
-      if (static_cast<int64_t>(c.size()) < owed) return false;
-    } else {
+  const int64_t k = p.opt->k;
+  const int64_t owed = std::min(k, live);
+  const int64_t nq = q1 - q0;
+  std::vector<Candidate> best(static_cast<std::size_t>(nq * k));
+  std::vector<int64_t> found(static_cast<std::size_t>(nq), 0);
+  if (live > 0 && L > 0) {
+    BinSelect bins(L);
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t filled = bins.merge(parts, nparts, q + shift);
+      if (filled < owed) return false;
+      found[q] = std::min(k, filled);
+      bins.select(found[q], best.data() + q * k);
+    }
+  } else if (live > 0) {
+    std::vector<Candidate> c;
+    for (int64_t q = 0; q < nq; ++q) {
+      c.clear();
       for (int64_t s = 0; s < nparts; ++s) {
         const cpu::TopKBuffers& t = parts[s].topk;
         const int64_t row = q + shift;
@@ -451,13 +579,39 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
           c.push_back({t.scores[row * t.capacity + i], t.slots[row * t.capacity + i]});
         }
       }
+      // `better` is total (slots differ): selecting, then sorting the few, is partial_sort.
+      found[q] = std::min<int64_t>(k, static_cast<int64_t>(c.size()));
+      const auto end = c.begin() + found[q];
+      if (end != c.end()) std::nth_element(c.begin(), end, c.end(), better);
+      std::sort(c.begin(), end, better);
+      std::copy(c.begin(), end, best.begin() + q * k);
     }
   }
-  std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
-  for (int64_t q = 0; q < q1 - q0; ++q) {
-    write_result(p, g, q0 + q, cands[static_cast<std::size_t>(q)], scratch.data());
+  // Slots of the results: for Gather (big memories), or copied here in panel order.
+  std::vector<int32_t> own_slots;
+  int32_t* slots = p.hit_slots ? p.hit_slots + (g * p.num_queries + q0) * k : nullptr;
+  if (!slots) {
+    own_slots.resize(static_cast<std::size_t>(nq * k));
+    slots = own_slots.data();
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    write_result(p, g, q0 + q, best.data() + q * k, found[q], slots + q * k);
   }
   end_streams(p);
+  if (p.hit_slots || (!p.out->keys && !p.out->values)) return true;
+  const int64_t row0 = (g * p.num_queries + q0) * k;
+  std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
+  if (p.m->key_layout == KeyLayout::kRows) {  // rows: each key is one piece of memory
+    for (int64_t i = 0; i < nq * k; ++i) {
+      if (slots[i] >= 0) copy_hit(p, g, slots[i], row0 + i, scratch.data());
+    }
+    end_streams(p);
+    return true;
+  }
+  const int64_t panels = padded_capacity(p.m->capacity) / kPanelSlots;
+  PanelOrder order;
+  order.sort(slots, nq * k, panels);
+  order.copy(p, g, slots, row0, 0, panels, scratch.data());
   return true;
 }
 
