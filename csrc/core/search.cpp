@@ -440,10 +440,16 @@ class BinSelect {
     score_at_ = best;
     slot_at_ = slot;
     int64_t filled = 0;
+    uint32_t lo = ~0u, hi = 0;
     for (int64_t i = 0; i < L; ++i) {
-      key_[i] = slot[i] >= 0 ? ordered_score(best[i]) : 0u;
-      filled += slot[i] >= 0;
+      const uint32_t key = slot[i] >= 0 ? ordered_score(best[i]) : 0u;
+      key_[i] = key;
+      filled += key != 0;
+      hi = std::max(hi, key);
+      lo = std::min(lo, key == 0 ? ~0u : key);
     }
+    lo_ = lo;
+    hi_ = hi;
     return filled;
   }
 
@@ -452,8 +458,12 @@ class BinSelect {
     if (n == 0) return;
     const int64_t L = static_cast<int64_t>(key_.size());
     const uint32_t* key = key_.data();
-    uint32_t t = 0;  // ends as the largest value with >= n keys at or above it
-    for (int bit = 31; bit >= 0; --bit) {
+    // t ends as the largest value with >= n keys at or above it. All filled
+    // bins lie in [lo_, hi_], so t starts with the leading bits those share.
+    const uint32_t differ = lo_ ^ hi_;
+    const int top = differ == 0 ? -1 : 31 - __builtin_clz(differ);
+    uint32_t t = top < 0 ? hi_ : hi_ & ~((2u << top) - 1u);  // (2u << 31 wraps to 0: t = 0)
+    for (int bit = top; bit >= 0; --bit) {
       const uint32_t c = t | (1u << bit);
       int32_t at_or_above = 0;
       for (int64_t i = 0; i < L; ++i) at_or_above += key[i] >= c;
@@ -499,6 +509,7 @@ class BinSelect {
   std::vector<uint32_t> key_;
   std::vector<float> score_;
   std::vector<int32_t> slot_;
+  uint32_t lo_ = 0, hi_ = 0;  // smallest and largest key of a filled bin
   const float* score_at_ = nullptr;
   const int32_t* slot_at_ = nullptr;
   std::vector<int32_t> chosen_, ties_;
