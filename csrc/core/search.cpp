@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
+#include "core/select.hpp"
 #include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
 #include "cpu/kernels.hpp"
@@ -46,14 +47,8 @@ constexpr int64_t kGatherInOrderBytes = 4ll << 20;
 // Keys and values of results bigger than this bypass the caches (copy_floats).
 constexpr int64_t kStreamResultBytes = 8ll << 20;
 
-struct Candidate {
-  float score;
-  int32_t slot;
-};
-
-inline bool better(const Candidate& a, const Candidate& b) {
-  return a.score > b.score || (a.score == b.score && a.slot < b.slot);
-}
+using detail::better;
+using detail::Candidate;
 
 // Which slots a memory's search visits. Rows fill placement blocks in order,
 // so a memory that has not wrapped has written whole blocks [0, masked_begin)
@@ -393,33 +388,19 @@ class PanelOrder {
   std::vector<int32_t> order_;  // rows, by panel
 };
 
-// A score as an unsigned integer of the same order (-0 folded into +0, so
-// that equal scores stay equal); empty bins get 0, below every score.
-inline uint32_t ordered_score(float score) {
-  const float f = score + 0.0f;
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
-}
-
-// The best candidates of one query's bin winners, without comparison sorts
-// (whose branches on ~160 random scores cost more than the scan of a small
-// memory): the n-th best score is found bit by bit, from the top, by counting
-// the scores at or above a candidate value -- branch-free loops the compiler
-// vectorizes --, the bins above it are taken, ties at it by lowest slot, and
-// the chosen few are put in order by counting, for each, the better ones.
+// The top-k of one query's bin winners: its rows of the partial states merged
+// (ascending slot ranges: on equal scores the earlier, lower slot stays), then
+// chosen and sorted by BestOf.
 class BinSelect {
  public:
   explicit BinSelect(int64_t num_bins)
-      : key_(static_cast<std::size_t>(num_bins)),
+      : num_bins_(num_bins),
         score_(static_cast<std::size_t>(num_bins)),
         slot_(static_cast<std::size_t>(num_bins)) {}
 
-  // Merges query row `row` of the partial states (ascending slot ranges: on
-  // equal scores the earlier, lower slot stays) and returns how many bins are
-  // not empty.
+  // Merges query row `row`; returns how many bins are not empty.
   int64_t merge(const Partial* parts, int64_t nparts, int64_t row) {
-    const int64_t L = static_cast<int64_t>(key_.size());
+    const int64_t L = num_bins_;
     const float* best = parts[0].best.data() + row * L;
     const int32_t* slot = parts[0].slot.data() + row * L;
     if (nparts > 1) {
@@ -437,84 +418,21 @@ class BinSelect {
       best = score_.data();
       slot = slot_.data();
     }
-    score_at_ = best;
-    slot_at_ = slot;
-    int64_t filled = 0;
-    uint32_t lo = ~0u, hi = 0;
-    for (int64_t i = 0; i < L; ++i) {
-      const uint32_t key = slot[i] >= 0 ? ordered_score(best[i]) : 0u;
-      key_[i] = key;
-      filled += key != 0;
-      hi = std::max(hi, key);
-      lo = std::min(lo, key == 0 ? ~0u : key);
-    }
-    lo_ = lo;
-    hi_ = hi;
-    return filled;
+    return best_.set(best, slot, L);
   }
 
-  // The best n (<= the filled bins) of the merged bins into out, in order.
+  // The best n (<= the filled bins) into out, in result order.
   void select(int64_t n, Candidate* out) {
     if (n == 0) return;
-    const int64_t L = static_cast<int64_t>(key_.size());
-    const uint32_t* key = key_.data();
-    // t ends as the largest value with >= n keys at or above it. All filled
-    // bins lie in [lo_, hi_], so t starts with the leading bits those share.
-    const uint32_t differ = lo_ ^ hi_;
-    const int top = differ == 0 ? -1 : 31 - __builtin_clz(differ);
-    uint32_t t = top < 0 ? hi_ : hi_ & ~((2u << top) - 1u);  // (2u << 31 wraps to 0: t = 0)
-    for (int bit = top; bit >= 0; --bit) {
-      const uint32_t c = t | (1u << bit);
-      int32_t at_or_above = 0;
-      for (int64_t i = 0; i < L; ++i) at_or_above += key[i] >= c;
-      if (at_or_above >= n) t = c;
-    }
-    chosen_.clear();
-    ties_.clear();
-    for (int64_t i = 0; i < L; ++i) {
-      if (key[i] > t) chosen_.push_back(static_cast<int32_t>(i));
-      if (key[i] == t) ties_.push_back(static_cast<int32_t>(i));
-    }
-    const std::size_t need = static_cast<std::size_t>(n) - chosen_.size();
-    if (ties_.size() > need) {
-      std::nth_element(ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need),
-                       ties_.end(),
-                       [&](int32_t a, int32_t b) { return slot_at_[a] < slot_at_[b]; });
-    }
-    chosen_.insert(chosen_.end(), ties_.begin(), ties_.begin() + static_cast<std::ptrdiff_t>(need));
-    const std::size_t m = chosen_.size();
-    if (m > kRankSortMax) {
-      for (std::size_t j = 0; j < m; ++j) out[j] = {score_at_[chosen_[j]], slot_at_[chosen_[j]]};
-      std::sort(out, out + m, better);
-      return;
-    }
-    // Rank of each chosen bin = how many chosen bins are better (distinct slots: a permutation).
-    ck_.resize(m);
-    cs_.resize(m);
-    for (std::size_t j = 0; j < m; ++j) {
-      ck_[j] = key[chosen_[j]];
-      cs_[j] = slot_at_[chosen_[j]];
-    }
-    for (std::size_t j = 0; j < m; ++j) {
-      int32_t rank = 0;
-      for (std::size_t i = 0; i < m; ++i) {
-        rank += static_cast<int32_t>((ck_[i] > ck_[j]) | ((ck_[i] == ck_[j]) & (cs_[i] < cs_[j])));
-      }
-      out[rank] = {score_at_[chosen_[j]], cs_[j]};
-    }
+    best_.choose(n);
+    best_.sorted(out);
   }
 
  private:
-  static constexpr std::size_t kRankSortMax = 64;  // above: a comparison sort (ranks cost m^2)
-  std::vector<uint32_t> key_;
+  int64_t num_bins_;
   std::vector<float> score_;
   std::vector<int32_t> slot_;
-  uint32_t lo_ = 0, hi_ = 0;  // smallest and largest key of a filled bin
-  const float* score_at_ = nullptr;
-  const int32_t* slot_at_ = nullptr;
-  std::vector<int32_t> chosen_, ties_;
-  std::vector<uint32_t> ck_;
-  std::vector<int32_t> cs_;
+  detail::BestOf best_;
 };
 
 // Copies the keys and values of the hits of memories too big for the caches
