@@ -5,13 +5,16 @@
 // the top, by counting the entries at or above a candidate value (branch-free
 // loops the compiler vectorizes); the entries above it are taken, and of
 // those equal to it the lowest slots. Used for the top-k of a query's bin
-// winners (search.cpp).
+// winners (search.cpp). The counting loops run in the active CPU variant
+// (cpu/select_impl.hpp), vectorized with its instruction set.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu/kernels.hpp"
 
 namespace knnmem::detail {
 
@@ -60,17 +63,8 @@ class BestOf {
   const std::vector<int32_t>& choose(int64_t want) {
     const int64_t n = static_cast<int64_t>(key_.size());
     const uint32_t* key = key_.data();
-    // t ends as the largest value with >= want keys at or above it. Every
-    // filled entry lies in [lo_, hi_], so t starts with the bits those share.
-    const uint32_t differ = lo_ ^ hi_;
-    const int top = differ == 0 ? -1 : 31 - __builtin_clz(differ);
-    uint32_t t = top < 0 ? hi_ : hi_ & ~((2u << top) - 1u);  // (2u << 31 wraps to 0: t = 0)
-    for (int bit = top; bit >= 0; --bit) {
-      const uint32_t c = t | (1u << bit);
-      int32_t at_or_above = 0;
-      for (int64_t i = 0; i < n; ++i) at_or_above += key[i] >= c;
-      if (at_or_above >= want) t = c;
-    }
+    const uint32_t t =
+        cpu::active_kernel().kth_key(key, n, want, lo_, hi_);  // the want-th largest key
     chosen_.clear();
     ties_.clear();
     for (int64_t i = 0; i < n; ++i) {
@@ -101,13 +95,9 @@ class BestOf {
       ck_[j] = key_[static_cast<std::size_t>(chosen_[j])];
       cs_[j] = slot_[chosen_[j]];
     }
-    for (std::size_t j = 0; j < m; ++j) {
-      int32_t rank = 0;
-      for (std::size_t i = 0; i < m; ++i) {
-        rank += static_cast<int32_t>((ck_[i] > ck_[j]) | ((ck_[i] == ck_[j]) & (cs_[i] < cs_[j])));
-      }
-      out[rank] = {score_[chosen_[j]], cs_[j]};
-    }
+    rank_.resize(m);
+    cpu::active_kernel().rank(ck_.data(), cs_.data(), static_cast<int64_t>(m), rank_.data());
+    for (std::size_t j = 0; j < m; ++j) out[rank_[j]] = {score_[chosen_[j]], cs_[j]};
   }
 
  private:
@@ -119,6 +109,7 @@ class BestOf {
   std::vector<int32_t> chosen_, ties_;
   std::vector<uint32_t> ck_;
   std::vector<int32_t> cs_;
+  std::vector<int32_t> rank_;
 };
 
 }  // namespace knnmem::detail

@@ -83,10 +83,16 @@ struct ScanArgs {
 };
 
 using ScanFn = void (*)(const ScanArgs&);
+// The counting loops of core/select.hpp (cpu/select_impl.hpp has their contracts).
+using KthKeyFn = uint32_t (*)(const uint32_t* key, int64_t n, int64_t want, uint32_t lo,
+                              uint32_t hi);
+using RankFn = void (*)(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank);
 
 struct Kernel {
   const char* name;
   ScanFn scan;
+  KthKeyFn kth_key;
+  RankFn rank;
 };
 
 // The variant in use: KNNMEM_KERNEL if set (and supported), else the best
@@ -106,5 +112,15 @@ void scan_avx512(const ScanArgs& args);
 void scan_avx512dl(const ScanArgs& args);      // avx512 + AVX512_BF16 and AVX512_VNNI
 void scan_neon(const ScanArgs& args);          // aarch64 Advanced SIMD
 void scan_neon_dotprod(const ScanArgs& args);  // + the dot-product extension (sdot)
+// Their selection loops (cpu/select_impl.hpp); the avx512_vnni_bf16 and
+// neon_dotprod variants use those of avx512 and neon.
+uint32_t kth_key_portable(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
+uint32_t kth_key_avx2(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
+uint32_t kth_key_avx512(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
+uint32_t kth_key_neon(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
+void rank_portable(const uint32_t*, const int32_t*, int64_t, int32_t*);
+void rank_avx2(const uint32_t*, const int32_t*, int64_t, int32_t*);
+void rank_avx512(const uint32_t*, const int32_t*, int64_t, int32_t*);
+void rank_neon(const uint32_t*, const int32_t*, int64_t, int32_t*);
 
 }  // namespace knnmem::cpu

@@ -16,9 +16,17 @@ struct V : VAvx512 {
 }  // namespace knnmem::cpu
 
 #include "cpu/scan_impl.hpp"
+#include "cpu/select_impl.hpp"
 
 namespace knnmem::cpu {
 
 void scan_avx512(const ScanArgs& args) { scan_any_format<V, 6, 4, 6, 3, 6, 4>(args); }
+
+uint32_t kth_key_avx512(const uint32_t* key, int64_t n, int64_t want, uint32_t lo, uint32_t hi) {
+  return select_kth_key(key, n, want, lo, hi);
+}
+void rank_avx512(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank) {
+  select_rank(key, slot, m, rank);
+}
 
 }  // namespace knnmem::cpu

@@ -101,9 +101,17 @@ struct V {
 }  // namespace knnmem::cpu
 
 #include "cpu/scan_impl.hpp"
+#include "cpu/select_impl.hpp"
 
 namespace knnmem::cpu {
 
 void scan_portable(const ScanArgs& args) { scan_any_format<V, 4, 2, 4, 2, 4, 2>(args); }
+
+uint32_t kth_key_portable(const uint32_t* key, int64_t n, int64_t want, uint32_t lo, uint32_t hi) {
+  return select_kth_key(key, n, want, lo, hi);
+}
+void rank_portable(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank) {
+  select_rank(key, slot, m, rank);
+}
 
 }  // namespace knnmem::cpu
