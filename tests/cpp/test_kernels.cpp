@@ -2,7 +2,7 @@
 // and metric, through the public header: exact searches find the same rows
 // wherever the scores are not near-ties (int8: always, every variant computes
 // the same integers), with scores equal to rounding. Cross-built for aarch64
-// it checks the NEON variants under qemu (docs/kernels.md). Last, searches of
+// it checks the NEON variants under qemu (scripts/check_aarch64.sh). Last, searches of
 // small-integer data (exact scores, many ties) must agree exactly.
 #include <cmath>
 #include <cstdio>
