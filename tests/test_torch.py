@@ -267,11 +267,14 @@ def test_compile_fullgraph_ops_no_graph_breaks() -> None:
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-def test_compile_fullgraph_memorizing_attention_training_step() -> None:
+@pytest.mark.parametrize("context", [False, True])
+def test_compile_fullgraph_memorizing_attention_training_step(context: bool) -> None:
+    """No graph breaks; with context=True one more graph, for the calls that have a
+    previous segment."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = kt.MemorizingAttention(32, 4, batch_size=2, capacity=256, k=8)
-    compiled = kt.MemorizingAttention(32, 4, batch_size=2, capacity=256, k=8)
+    eager = kt.MemorizingAttention(32, 4, batch_size=2, capacity=256, k=8, context=context)
+    compiled = kt.MemorizingAttention(32, 4, batch_size=2, capacity=256, k=8, context=context)
     compiled.load_state_dict(eager.state_dict())
     backend = CountGraphs()
     fn = torch.compile(compiled, backend=backend, fullgraph=True)
@@ -284,7 +287,7 @@ def test_compile_fullgraph_memorizing_attention_training_step() -> None:
         got.square().mean().backward()
         for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
-    assert backend.graphs == 1
+    assert backend.graphs == (2 if context else 1)
     np.testing.assert_array_equal(compiled.memory.written.numpy(), [[48] * 4, [16] * 4])
     assert torch.equal(compiled.memory.keys, eager.memory.keys)
 
@@ -524,6 +527,48 @@ def test_memorizing_attention_gradients_reach_queries_not_memory() -> None:
     assert torch.all(grad[1] == 0) and torch.all(grad[2] == 0)  # keys and values: none
     assert layer.log_scale.grad.abs().sum() > 0
     assert not any(b.requires_grad for b in layer.memory.buffers())
+
+
+def test_memorizing_attention_context_is_the_previous_segment() -> None:
+    """context=True: local attention over [previous segment, segment] equals causal
+    attention over the two concatenated (the rotary positions run on); a reset hides a
+    batch element's context; segments may change length."""
+    torch.manual_seed(0)
+    ctx = kt.MemorizingAttention(32, 4, batch_size=2, use_memory=False, context=True)
+    full = kt.MemorizingAttention(32, 4, batch_size=2, use_memory=False)
+    full.load_state_dict(ctx.state_dict())  # the context is not state: same parameters
+    s1, s2, s3 = (torch.randn(2, 16, 32) for _ in range(3))
+    s4 = torch.randn(2, 8, 32)
+    torch.testing.assert_close(ctx(s1), full(s1))  # nothing before the first segment
+    torch.testing.assert_close(ctx(s2), full(torch.cat([s1, s2], 1))[:, 16:])
+    y = ctx(s3, reset=torch.tensor([True, False]))  # element 0 starts a new document
+    torch.testing.assert_close(y[0], full(s3)[0])
+    torch.testing.assert_close(y[1], full(torch.cat([s2, s3], 1))[1, 16:])
+    torch.testing.assert_close(ctx(s4), full(torch.cat([s3, s4], 1))[:, 16:])
+    ctx.reset()
+    torch.testing.assert_close(ctx(s1), full(s1))
+    with pytest.raises(ValueError, match="x: expected batch size 2 .the previous segment's"):
+        ctx(torch.randn(3, 16, 32))
+
+
+def test_memorizing_attention_context_with_memory() -> None:
+    """context and memory together: the memory part is unchanged by the context, and no
+    gradient reaches the previous segment's keys or values."""
+    torch.manual_seed(1)
+    a = kt.MemorizingAttention(32, 4, batch_size=2, capacity=128, k=8, context=True)
+    b = kt.MemorizingAttention(32, 4, batch_size=2, capacity=128, k=8)
+    b.load_state_dict(a.state_dict())
+    segs = [torch.randn(2, 16, 32) for _ in range(3)]
+    for x in segs[:2]:
+        a(x), b(x)
+    with torch.no_grad():
+        for layer in (a, b):
+            layer.gate.fill_(float("inf"))  # g = 1: memory attention alone
+    torch.testing.assert_close(a(segs[2]), b(segs[2]))
+    with torch.no_grad():
+        a.gate.zero_()
+    a(segs[0]).sum().backward()
+    assert all(not t.requires_grad for t in a._context)
 
 
 def test_memorizing_attention_bfloat16_and_bad_batch() -> None:

@@ -488,12 +488,14 @@ class KNNMemory(nn.Module):
         torch.ops.knnmem.clear(self.written, mask)
 
 
-def _rotate(x: Tensor, base: float) -> Tensor:
-    """Rotary position embedding over the segment axis (-2) of x [..., T, d]."""
+def _rotate(x: Tensor, base: float, start: int = 0) -> Tensor:
+    """Rotary position embedding over the segment axis (-2) of x [..., T, d], the rows
+    at positions start .. start + T - 1."""
     t, d = x.shape[-2], x.shape[-1]
     half = d // 2
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / max(half, 1))
-    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * freqs[None, :]
+    positions = torch.arange(start, start + t, device=x.device, dtype=torch.float32)
+    angles = positions[:, None] * freqs[None, :]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
@@ -517,6 +519,14 @@ class MemorizingAttention(nn.Module):
     gradients flow into the queries (and the temperature and gate). After the
     attention the segment's keys and values are appended (detached).
 
+    With ``context=True`` the local attention also sees the previous segment, as
+    in the paper (a Transformer-XL cache): its keys and values, kept detached in
+    the module after each call (not in the state_dict), come before the segment's
+    with the rotary positions running on, so a query attends to the previous T
+    rows and the causal part of its own segment. A reset of a batch element (the
+    ``reset`` argument or ``reset()``) hides its context; a batch of another size
+    than the context's raises.
+
     Args:
         dim: model width. num_heads: heads. batch_size: rows of x (one memory per
             batch element and head).
@@ -527,6 +537,7 @@ class MemorizingAttention(nn.Module):
         memory: a memory module to use instead of a KNNMemory (e.g.
             knnmem.torch_distributed.ShardedKNNMemory) with grid (batch_size,
             num_heads) and key_dim = value_dim = head_dim.
+        context: local attention over the previous segment too (above).
 
     forward(x [B, T, dim], reset=None) -> [B, T, dim]; reset: bool [B], True
     where a new document starts with this segment (its memories are cleared
@@ -548,6 +559,7 @@ class MemorizingAttention(nn.Module):
         bias: bool = False,
         use_memory: bool = True,
         memory: Optional[nn.Module] = None,
+        context: bool = False,
         device: Any = None,
     ) -> None:
         super().__init__()
@@ -575,29 +587,68 @@ class MemorizingAttention(nn.Module):
                 f"memory: expected grid shape {(batch_size, num_heads)}, got {tuple(memory.shape)}"
             )
         self.memory = memory if use_memory else None
+        self.context = context
+        # previous segment: normalised keys, values [B, H, Tc, d], visible [B]
+        self._context: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     def reset(self, mask: Optional[Tensor] = None) -> None:
-        """Clears the memories of the batch elements where mask [B] is True (all if None)."""
+        """Clears the memories (and hides the context) of the batch elements where
+        mask [B] is True (all if None)."""
         if self.memory is not None:
             self.memory.clear(mask)
+        self._hide_context(mask)
+
+    def _hide_context(self, mask: Optional[Tensor]) -> None:
+        if self._context is None:
+            return
+        keys, values, visible = self._context
+        hidden = torch.ones_like(visible) if mask is None else mask.to(visible.device, torch.bool)
+        self._context = (keys, values, visible & ~hidden)
+
+    def _local(self, qs: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention over the segment, after the previous one's context if kept."""
+        base = self.rotary_base
+        if self._context is None:
+            return F.scaled_dot_product_attention(
+                _rotate(qs, base), _rotate(k, base), v, is_causal=True, scale=1.0
+            )
+        ck, cv, visible = self._context
+        b, _, t, _ = qs.shape
+        tc = ck.shape[-2]
+        keys = torch.cat([_rotate(ck.to(k.dtype), base), _rotate(k, base, tc)], -2)
+        values = torch.cat([cv.to(v.dtype), v], -2)
+        causal = torch.ones(t, t, dtype=torch.bool, device=qs.device).tril()
+        allowed = torch.cat(
+            [visible.view(b, 1, 1, 1).expand(b, 1, t, tc), causal.expand(b, 1, t, t)], -1
+        )
+        return F.scaled_dot_product_attention(
+            _rotate(qs, base, tc), keys, values, attn_mask=allowed, scale=1.0
+        )
 
     def forward(self, x: Tensor, reset: Optional[Tensor] = None) -> Tensor:
         b, t, _ = x.shape
         if self.memory is not None and b != self.batch_size:
             raise ValueError(f"x: expected batch size {self.batch_size} (one memory each), got {b}")
+        if self._context is not None and self._context[0].shape[0] != b:
+            raise ValueError(
+                f"x: expected batch size {self._context[0].shape[0]} (the previous segment's "
+                f"context), got {b}"
+            )
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, d]
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         scale = self.log_scale.exp().to(q.dtype).view(1, h, 1, 1)
         qs = q * scale
-        local = F.scaled_dot_product_attention(
-            _rotate(qs, self.rotary_base),
-            _rotate(k, self.rotary_base),
-            v,
-            is_causal=True,
-            scale=1.0,
-        )
+        if reset is not None:
+            self._hide_context(reset)
+        local = self._local(qs, k, v)
+        if self.context:
+            self._context = (
+                k.detach(),
+                v.detach(),
+                torch.ones(b, dtype=torch.bool, device=x.device),
+            )
         out = local
         if self.memory is not None:
             if reset is not None:
