@@ -11,6 +11,7 @@ memory is the baseline; both see the same batches, from the same seed.
 
     python examples/torch_memorizing.py                     # memory vs baseline, 300 steps
     python examples/torch_memorizing.py --steps 600 --no-baseline
+    python examples/torch_memorizing.py --context           # + the previous segment (XL)
 
 Prints training loss and the held-out loss in bits per byte, overall and on
 segments that are not the first of their document (where the memory has
@@ -53,6 +54,7 @@ class Config:
     max_doc_bytes: int = 0  # 0: whole files
     eval_segments: int = 24
     memory: bool = True
+    context: bool = False  # every layer also attends to the previous segment (XL cache)
     log_every: int = 50
 
 
@@ -136,6 +138,7 @@ class Block(nn.Module):
             k=cfg.k,
             recall_target=cfg.recall_target,
             use_memory=memory,
+            context=cfg.context,
         )
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(
@@ -238,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         if f.name == "memory":
+            continue
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
             continue
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
