@@ -42,7 +42,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // task takes many more queries there: the packing is paid once per slot range.
 constexpr int64_t kMaxRowQueryChunk = 528;
 // Panel memories with more bytes of keys than this copy their results' keys
-// and values in slot order (Gather), smaller ones (and row layouts) in result order.
+// and values once all are found (Gather), smaller ones as each piece of queries
+// is finished, while their panels are still cached; both in panel order.
 constexpr int64_t kGatherInOrderBytes = 4ll << 20;
 // Keys and values of results bigger than this bypass the caches (copy_floats).
 constexpr int64_t kStreamResultBytes = 8ll << 20;
@@ -326,8 +327,8 @@ void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch)
 
 // Writes query q's scores, indices and mask from its `found` best candidates
 // (in result order) and the slots of its results (-1: none) to `slots`; the
-// keys and values of misses are zeroed here, those of hits copied later, panel
-// by panel (PanelOrder).
+// keys and values of misses are zeroed here, those of hits copied later (by
+// finish, or by Gather for big memories).
 void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, int64_t found,
                   int32_t* slots) {
   const MemoryView& m = *p.m;
@@ -364,9 +365,9 @@ class PanelOrder {
       if (slots[i] >= 0) ++first_[static_cast<std::size_t>(slots[i] / kPanelSlots + 1)];
     }
     for (int64_t b = 0; b < panels; ++b) first_[b + 1] += first_[b];
-    next_.assign(first_.begin(), first_.end() - 1);
+    std::vector<int64_t> next(first_.begin(), first_.end() - 1);
     for (int64_t i = 0; i < n; ++i) {
-      if (slots[i] >= 0) order_[next_[slots[i] / kPanelSlots]++] = static_cast<int32_t>(i);
+      if (slots[i] >= 0) order_[next[slots[i] / kPanelSlots]++] = static_cast<int32_t>(i);
     }
   }
 
@@ -384,7 +385,6 @@ class PanelOrder {
 
  private:
   std::vector<int64_t> first_;  // [panels + 1]: where each panel's rows start in order_
-  std::vector<int64_t> next_;
   std::vector<int32_t> order_;  // rows, by panel
 };
 
@@ -526,7 +526,6 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   for (int64_t q = 0; q < nq; ++q) {
     write_result(p, g, q0 + q, best.data() + q * k, found[q], slots + q * k);
   }
-  end_streams(p);
   if (p.hit_slots || (!p.out->keys && !p.out->values)) return true;
   const int64_t row0 = (g * p.num_queries + q0) * k;
   std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
