@@ -302,6 +302,30 @@ void end_streams(const Plan& p) {
   (void)p;
 }
 
+// A float32 key in panels straight to a streamed result row, four dimensions
+// (one from each of four panel rows) per store, without a row in between.
+// False (nothing written) where that does not apply.
+bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, float* dst) {
+#if defined(__SSE2__)
+  const MemoryView& m = *p.m;
+  if (!p.stream || m.key_layout != KeyLayout::kPanels || m.key_format != KeyFormat::kFloat32 ||
+      m.key_dim % 4 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+    return false;
+  }
+  const float* lane = static_cast<const float*>(m.keys) +
+                      (g * padded_capacity(m.capacity) + slot - slot % kPanelSlots) * m.key_dim +
+                      slot % kPanelSlots;
+  for (int64_t i = 0; i < m.key_dim; i += 4) {
+    _mm_stream_ps(dst + i, _mm_setr_ps(lane[i * kPanelSlots], lane[(i + 1) * kPanelSlots],
+                                       lane[(i + 2) * kPanelSlots], lane[(i + 3) * kPanelSlots]));
+  }
+  return true;
+#else
+  (void)p, (void)g, (void)slot, (void)dst;
+  return false;
+#endif
+}
+
 // Asks for the value row of a slot a few hits before it is copied: values are
 // not touched by the scan, so they come from memory.
 constexpr int64_t kPrefetchHits = 8;
@@ -317,8 +341,9 @@ void prefetch_value(const Plan& p, int64_t g, int64_t slot) {
 void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
   const MemoryView& m = *p.m;
   const SearchOutput& out = *p.out;
-  if (out.keys)
+  if (out.keys && !stream_panel_key(p, g, slot, out.keys + o * m.key_dim)) {
     copy_floats(out.keys + o * m.key_dim, key_row(m, g, slot, scratch), m.key_dim, p.stream);
+  }
   if (out.values) {
     copy_floats(out.values + o * m.value_dim, m.values + (g * m.capacity + slot) * m.value_stride,
                 m.value_dim, p.stream);
