@@ -302,22 +302,48 @@ void end_streams(const Plan& p) {
   (void)p;
 }
 
-// A float32 key in panels straight to a streamed result row, four dimensions
-// (one from each of four panel rows) per store, without a row in between.
-// False (nothing written) where that does not apply.
+// A key in panels straight to a streamed result row, four dimensions per
+// store (float32: one from each of four panel rows; bfloat16: two words of
+// pairs; int8: one word, widened and scaled as key_row does), without a row
+// in between. False (nothing written) where that does not apply (float16,
+// rows, dimensions not a multiple of 4, results not streamed).
 bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, float* dst) {
 #if defined(__SSE2__)
   const MemoryView& m = *p.m;
-  if (!p.stream || m.key_layout != KeyLayout::kPanels || m.key_format != KeyFormat::kFloat32 ||
+  if (!p.stream || m.key_layout != KeyLayout::kPanels || m.key_format == KeyFormat::kFloat16 ||
       m.key_dim % 4 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
     return false;
   }
-  const float* lane = static_cast<const float*>(m.keys) +
-                      (g * padded_capacity(m.capacity) + slot - slot % kPanelSlots) * m.key_dim +
-                      slot % kPanelSlots;
+  const int64_t at = g * padded_capacity(m.capacity) + slot;  // the slot's entry
+  const int64_t base = (at - slot % kPanelSlots) * key_words(m.key_format, m.key_dim);
+  const int64_t S = kPanelSlots;
+  if (m.key_format == KeyFormat::kFloat32) {
+    const float* lane = static_cast<const float*>(m.keys) + base + slot % S;
+    for (int64_t i = 0; i < m.key_dim; i += 4) {
+      _mm_stream_ps(dst + i, _mm_setr_ps(lane[i * S], lane[(i + 1) * S], lane[(i + 2) * S],
+                                         lane[(i + 3) * S]));
+    }
+    return true;
+  }
+  const uint32_t* lane = static_cast<const uint32_t*>(m.keys) + base + slot % S;
+  if (m.key_format == KeyFormat::kBFloat16) {  // word w: dims 2w (low half), 2w + 1
+    const int32_t high = static_cast<int32_t>(0xFFFF0000u);
+    for (int64_t i = 0; i < m.key_dim; i += 4) {
+      const int32_t w0 = static_cast<int32_t>(lane[i / 2 * S]);
+      const int32_t w1 = static_cast<int32_t>(lane[(i / 2 + 1) * S]);
+      _mm_stream_ps(dst + i,
+                    _mm_castsi128_ps(_mm_setr_epi32(
+                        static_cast<int32_t>(static_cast<uint32_t>(w0) << 16), w0 & high,
+                        static_cast<int32_t>(static_cast<uint32_t>(w1) << 16), w1 & high)));
+    }
+    return true;
+  }
+  const __m128 scale = _mm_set1_ps(m.key_scale[at]);  // int8: word w holds dims 4w .. 4w + 3
   for (int64_t i = 0; i < m.key_dim; i += 4) {
-    _mm_stream_ps(dst + i, _mm_setr_ps(lane[i * kPanelSlots], lane[(i + 1) * kPanelSlots],
-                                       lane[(i + 2) * kPanelSlots], lane[(i + 3) * kPanelSlots]));
+    __m128i x = _mm_cvtsi32_si128(static_cast<int32_t>(lane[i / 4 * S]));
+    x = _mm_unpacklo_epi8(x, x);  // byte b of the word to the top of 32-bit lane b
+    x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24);
+    _mm_stream_ps(dst + i, _mm_mul_ps(_mm_cvtepi32_ps(x), scale));
   }
   return true;
 #else
