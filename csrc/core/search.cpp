@@ -228,7 +228,21 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   const bool norm = metric != Metric::kInnerProduct;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
-    for (int64_t j = 0; j < b1 - b0; ++j) {
+    int64_t j = 0;
+    if (format == KeyFormat::kFloat32 && dim % 4 == 0) {  // four rows at a time
+      for (; j + 4 <= b1 - b0; j += 4) {
+        const float* row = rows + (b0 + j) * m.key_stride;
+        detail::store_keys4_f32(
+            row, m.key_stride, dim,
+            reinterpret_cast<float*>(panels.data()) + (j - j % kPanelSlots) * dim, j % kPanelSlots);
+        for (int64_t r = 0; r < 4; ++r) {
+          const float* key = row + r * m.key_stride;
+          aux[j + r] = detail::aux_of(
+              metric, norm ? detail::sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f);
+        }
+      }
+    }
+    for (; j < b1 - b0; ++j) {
       const float sq = detail::store_key(format, rows + (b0 + j) * m.key_stride, dim,
                                          panels.data() + (j - j % kPanelSlots) * words,
                                          j % kPanelSlots, scale.data() + j, sum.data() + j, norm);

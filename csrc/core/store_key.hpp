@@ -8,6 +8,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include "core/quantize.hpp"
 #include "knnmem/knnmem.hpp"
 
@@ -69,6 +73,31 @@ inline float store_key(KeyFormat format, const float* key, int64_t dim, void* pa
   for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
   if (!norm) return 0.0f;
   return sum_squares(dim, [&](int64_t i) { return from_bf16(bf16_dim(dst, kPanelSlots, i)); });
+}
+
+// Four float32 keys, rows `stride` floats apart, into slots lane .. lane + 3
+// of a panel: what four store_key calls write, a 4 x 4 transpose at a time
+// (dim and lane multiples of 4). The search of row-layout keys packs with it.
+inline void store_keys4_f32(const float* rows, int64_t stride, int64_t dim, float* panel,
+                            int64_t lane) {
+  float* dst = panel + lane;
+#if defined(__SSE2__)
+  for (int64_t i = 0; i < dim; i += 4) {
+    __m128 r0 = _mm_loadu_ps(rows + i);
+    __m128 r1 = _mm_loadu_ps(rows + stride + i);
+    __m128 r2 = _mm_loadu_ps(rows + 2 * stride + i);
+    __m128 r3 = _mm_loadu_ps(rows + 3 * stride + i);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_d: dim i + d of the four rows
+    _mm_storeu_ps(dst + i * kPanelSlots, r0);
+    _mm_storeu_ps(dst + (i + 1) * kPanelSlots, r1);
+    _mm_storeu_ps(dst + (i + 2) * kPanelSlots, r2);
+    _mm_storeu_ps(dst + (i + 3) * kPanelSlots, r3);
+  }
+#else
+  for (int64_t i = 0; i < dim; ++i) {
+    for (int64_t r = 0; r < 4; ++r) dst[i * kPanelSlots + r] = rows[r * stride + i];
+  }
+#endif
 }
 
 }  // namespace knnmem::detail
