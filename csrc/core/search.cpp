@@ -474,10 +474,10 @@ class BinSelect {
       for (int64_t s = 1; s < nparts; ++s) {
         const float* b = parts[s].best.data() + row * L;
         const int32_t* t = parts[s].slot.data() + row * L;
-        for (int64_t i = 0; i < L; ++i) {
-          const bool take = b[i] > score_[i];
-          score_[i] = take ? b[i] : score_[i];
-          slot_[i] = take ? t[i] : slot_[i];
+        for (int64_t i = 0; i < L; ++i) {  // branch-free, so that it vectorizes
+          const int32_t take = -static_cast<int32_t>(b[i] > score_[i]);
+          slot_[i] = (t[i] & take) | (slot_[i] & ~take);
+          score_[i] = b[i] > score_[i] ? b[i] : score_[i];
         }
       }
       best = score_.data();
