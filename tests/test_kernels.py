@@ -78,6 +78,56 @@ def test_unknown_or_unsupported_kernel(kernel) -> None:
             _core.set_kernel(name)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("k", [1, 32, 300])
+def test_exact_top_k_keeps_the_first_of_equal_scores(kernel, variant, k) -> None:
+    """Exact search of one memory big enough to be cut into slot ranges (whose buffers
+    share a lower bound on each query's k-th score) on small-integer data full of equal
+    scores: the float64 top-k by (score desc, slot asc), ties included."""
+    rng = np.random.default_rng(k)
+    capacity, d, written = 40_000, 16, 39_000
+    keys = rng.integers(-1, 2, (written, d)).astype(np.float32)
+    queries = rng.integers(-1, 2, (40, d)).astype(np.float32)
+    mem = knnmem.Memory((1,), capacity=capacity, key_dim=d, value_dim=1)
+    mem.add(keys[None], np.zeros((1, written, 1), np.float32))
+    got = search_with(variant, mem, queries[None], k=k, recall_target=1.0)
+    # one bin per slot: the reference's exact top-k
+    want_scores, want_positions = strided_bins_reference(
+        keys, written, capacity, queries, k, capacity
+    )
+    np.testing.assert_array_equal(got.scores[0], want_scores)
+    np.testing.assert_array_equal(got.indices[0], want_positions)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_top_k_keeps_ties_at_another_ranges_bound(kernel, variant) -> None:
+    """The slot ranges of an exact search share a bound on each query's k-th score; a
+    range that adopts another's bound must keep scores equal to it, which may belong to
+    lower slots. Here the second range has 100 scores of 1.0 in its first slots (its
+    first compaction publishes 1.0); the first range compacts every few hundred slots on
+    rising scores below 1.0 and has its own 1.0s only at its end: they are the answer."""
+    capacity, d, k, nq = 40_000, 64, 32, 150  # enough work that the two ranges overlap
+    score = np.zeros(capacity, np.float32)
+    score[:9900] = np.arange(9900) / 20000  # rising, < 0.5: the first range compacts often
+    score[9900:10100] = 1.0  # the end of the first range and the start of the second
+    slot_of, _ = knnmem.ops.placement(capacity)
+    keys = np.zeros((capacity, d), np.float32)
+    keys[:, 0] = score[slot_of]  # row p lands in slot slot_of[p]
+    mem = knnmem.Memory((1,), capacity=capacity, key_dim=d, value_dim=1)
+    mem.add(keys[None], np.zeros((1, capacity, 1), np.float32))
+    q = np.zeros((1, nq, d), np.float32)
+    q[..., 0] = 1.0
+    threads = knnmem.get_num_threads()
+    knnmem.set_num_threads(2)  # the two ranges run at once
+    try:
+        got = search_with(variant, mem, q, k=k, recall_target=1.0)
+    finally:
+        knnmem.set_num_threads(threads)
+    pos_of_slot = np.argsort(slot_of)
+    np.testing.assert_array_equal(got.scores[0], np.ones((nq, k), np.float32))
+    np.testing.assert_array_equal(got.indices[0], np.tile(pos_of_slot[9900 : 9900 + k], (nq, 1)))
+
+
 def strided_bins_reference(keys, written, capacity, queries, k, num_bins):
     """Scores, positions of knnmem's strided-bin search in float64: bin = physical slot
     mod L; a bin keeps its best score and, among equal ones, its lowest slot; the

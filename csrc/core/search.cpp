@@ -78,7 +78,7 @@ struct Partial {
   std::vector<float> tk_thresholds;
   cpu::TopKBuffers topk;
 
-  void init(int64_t nq, int64_t num_bins, int64_t k) {
+  void init(int64_t nq, int64_t num_bins, int64_t k, uint32_t* shared_bound = nullptr) {
     if (num_bins > 0) {
       best.assign(static_cast<std::size_t>(nq * num_bins), kNegInf);
       slot.assign(static_cast<std::size_t>(nq * num_bins), -1);
@@ -89,7 +89,8 @@ struct Partial {
     tk_slots.resize(static_cast<std::size_t>(nq * cap));
     tk_sizes.assign(static_cast<std::size_t>(nq), 0);
     tk_thresholds.assign(static_cast<std::size_t>(nq), kNegInf);
-    topk = {tk_scores.data(), tk_slots.data(), tk_sizes.data(), tk_thresholds.data(), cap, k};
+    topk = {tk_scores.data(), tk_slots.data(), tk_sizes.data(), tk_thresholds.data(), cap, k,
+            shared_bound};
   }
 };
 
@@ -120,14 +121,14 @@ int64_t bins_for(const Plan& p, int64_t live, bool exact) {
 
 // Scans slots [s_begin, s_end) of memory g for queries [q0, q1).
 void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
-               bool exact, Partial& part) {
+               bool exact, Partial& part, uint32_t* shared_bound = nullptr) {
   const MemoryView& m = *p.m;
   const int64_t written = m.written[g];
   const int64_t nq = q1 - q0;
   const int64_t dim = m.key_dim;
   const Metric metric = p.opt->metric;
   const int64_t num_bins = bins_for(p, std::min(written, m.capacity), exact);
-  part.init(nq, num_bins, p.opt->k);
+  part.init(nq, num_bins, p.opt->k, shared_bound);
   if (s_begin >= s_end) return;
 
   // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
@@ -645,13 +646,16 @@ void find_results(Plan& p) {
     return;
   }
   std::vector<Partial> parts(static_cast<std::size_t>(tasks * p.splits));
+  // Exact top-k over split slot ranges: the ranges of a query chunk share a
+  // lower bound on each query's k-th score (TopKBuffers::shared_bound).
+  std::vector<uint32_t> bounds(static_cast<std::size_t>(tasks * p.q_chunk), 0u);
   detail::parallel_for(parts.size(), [&](std::size_t i) {
     const int64_t t = static_cast<int64_t>(i) / p.splits;
     const int64_t g = t / p.chunks;
     const auto [q0, q1] = queries_of(t % p.chunks);
     const int64_t end = scan_range(memory.capacity, memory.written[g]).end;
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
-    scan_part(p, g, q0, q1, s0, s1, false, parts[i]);
+    scan_part(p, g, q0, q1, s0, s1, false, parts[i], bounds.data() + t * p.q_chunk);
   });
   // Merged and finished in pieces of at most kFinishPiece queries, so a big
   // query chunk still finishes on every thread.

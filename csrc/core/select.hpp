@@ -37,6 +37,14 @@ inline uint32_t ordered_score(float score) {
   return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
 }
 
+// The score an ordered_score came from (+0 for a zero; not for 0 = empty).
+inline float score_of_ordered(uint32_t key) {
+  const uint32_t b = key & 0x80000000u ? key ^ 0x80000000u : ~key;
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
 class BestOf {
  public:
   // Takes n entries (slot < 0: empty, never chosen); the arrays must outlive

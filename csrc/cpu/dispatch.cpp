@@ -1,11 +1,14 @@
 // Run-time choice of the scan variant, and the baseline helpers around it.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "core/select.hpp"
 #include "cpu/kernels.hpp"
 
 #if defined(KNNMEM_NEON_KERNELS) && defined(__linux__)
@@ -112,26 +115,33 @@ void set_kernel(const std::string& name) {
 }
 
 void compact_topk(const TopKBuffers& t, int64_t query) {
-  struct Entry {
-    float score;
-    int32_t slot;
-  };
+  thread_local std::vector<detail::Candidate> entries;
   const int64_t n = t.sizes[query];
   float* scores = t.scores + query * t.capacity;
   int32_t* slots = t.slots + query * t.capacity;
-  std::vector<Entry> entries(static_cast<std::size_t>(n));
+  entries.resize(static_cast<std::size_t>(n));
   for (int64_t i = 0; i < n; ++i) entries[i] = {scores[i], slots[i]};
   // Best first; equal scores by slot, so the kept set is deterministic.
-  auto better = [](const Entry& a, const Entry& b) {
-    return a.score > b.score || (a.score == b.score && a.slot < b.slot);
-  };
-  std::nth_element(entries.begin(), entries.begin() + (t.k - 1), entries.end(), better);
+  std::nth_element(entries.begin(), entries.begin() + (t.k - 1), entries.end(), detail::better);
   for (int64_t i = 0; i < t.k; ++i) {
     scores[i] = entries[i].score;
     slots[i] = entries[i].slot;
   }
   t.sizes[query] = t.k;
-  t.thresholds[query] = entries[t.k - 1].score;
+  float threshold = entries[t.k - 1].score;  // strict: later slots of this range tie worse
+  if (t.shared_bound != nullptr) {
+    uint32_t* bound = t.shared_bound + query;
+    const uint32_t mine = detail::ordered_score(threshold);
+    uint32_t seen = __atomic_load_n(bound, __ATOMIC_RELAXED);
+    while (mine > seen && !__atomic_compare_exchange_n(bound, &seen, mine, true, __ATOMIC_RELAXED,
+                                                       __ATOMIC_RELAXED)) {
+    }
+    if (seen > mine) {  // another range's k-th best: keep scores >= it
+      threshold =
+          std::nextafter(detail::score_of_ordered(seen), -std::numeric_limits<float>::infinity());
+    }
+  }
+  t.thresholds[query] = threshold;
 }
 
 float squared_norm(const float* x, int64_t dim) {

@@ -37,6 +37,12 @@ struct TopKBuffers {
   float* thresholds = nullptr;  // [num_queries], start at -inf
   int64_t capacity = 0;         // >= 2k
   int64_t k = 0;
+  // Optional, [num_queries], shared by the buffers of the other slot ranges of
+  // the same queries: the best k-th score any of them has compacted to, as an
+  // ordered integer (core/select.hpp, ordered_score; 0 = none yet). No range's
+  // top-k entry scores below it, so compactions raise the threshold to it
+  // (keeping equal scores: a lower slot elsewhere may tie).
+  uint32_t* shared_bound = nullptr;
 };
 void compact_topk(const TopKBuffers& buffers, int64_t query);
 
