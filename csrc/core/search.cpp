@@ -232,15 +232,12 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
     int64_t j = 0;
     if (format == KeyFormat::kFloat32 && dim % 4 == 0) {  // four rows at a time
       for (; j + 4 <= b1 - b0; j += 4) {
-        const float* row = rows + (b0 + j) * m.key_stride;
+        float sq[4];
         detail::store_keys4_f32(
-            row, m.key_stride, dim,
-            reinterpret_cast<float*>(panels.data()) + (j - j % kPanelSlots) * dim, j % kPanelSlots);
-        for (int64_t r = 0; r < 4; ++r) {
-          const float* key = row + r * m.key_stride;
-          aux[j + r] = detail::aux_of(
-              metric, norm ? detail::sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f);
-        }
+            rows + (b0 + j) * m.key_stride, m.key_stride, dim,
+            reinterpret_cast<float*>(panels.data()) + (j - j % kPanelSlots) * dim, j % kPanelSlots,
+            norm, sq);
+        for (int64_t r = 0; r < 4; ++r) aux[j + r] = detail::aux_of(metric, sq[r]);
       }
     }
     for (; j < b1 - b0; ++j) {
