@@ -16,7 +16,8 @@ Data: per memory 256 unit-norm cluster centres, each row a centre plus noise, no
 (metric "ip" on unit vectors); memories are filled to capacity before timing.
 
 Rows per workload and key dtype:
-    knnmem search      the CUDA search alone (recall_target 0.9), CUDA-event timed
+    knnmem search      the CUDA search alone (recall_target 0.9), CUDA-event timed;
+                       "no gather": the same without copying keys and values out
     knnmem step        add one segment of Q rows + search Q queries
     torch mm+topk      torch.matmul(queries, keys^T) + topk + gather, exact, same dtype
 and once per run the bf16 rate of a large torch.matmul (8192^3), so the search's rate
@@ -32,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -52,6 +54,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
     ap.add_argument("--reps", type=int, default=5, help="measurements (median reported)")
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--profile", action="store_true", help="print each kernel's device time")
     args = ap.parse_args()
 
     import torch
@@ -91,11 +94,15 @@ def main() -> int:
     rows_out = []
     for name in args.workloads.split(","):
         for dtype_name in args.dtypes.split(","):
-            row = bench_one(torch, kcuda, dev, gen, timed, name, dtype_name, args.recall_target)
+            row = bench_one(
+                torch, kcuda, dev, gen, timed, name, dtype_name, args.recall_target, args.profile
+            )
             row["fraction_of_bf16_matmul"] = row["search_tflops"] * 1e12 / mm_rate
             rows_out.append(row)
             print(
-                f"{name} {dtype_name:8s} search {row['search_s'] * 1e6:9.1f} us  step "
+                f"{name} {dtype_name:8s} search {row['search_s'] * 1e6:9.1f} us  "
+                f"(no gather {row['scores_only_s'] * 1e6:8.1f} us, "
+                f"{row['scores_only_tflops']:6.1f} TFLOP/s)  step "
                 f"{row['step_s'] * 1e6:9.1f} us  recall {row['recall']:.3f}  "
                 f"{row['search_tflops']:7.1f} TFLOP/s ({100 * row['fraction_of_bf16_matmul']:5.1f}%"
                 f" of bf16 mm)  torch mm+topk {row['torch_mm_topk_s'] * 1e6:9.1f} us "
@@ -126,7 +133,27 @@ def clustered(torch, dev, gen, grid: int, n: int, d: int):
     return rows / rows.norm(dim=-1, keepdim=True)
 
 
-def bench_one(torch, kcuda, dev, gen, timed, name: str, dtype_name: str, target: float) -> dict:
+def print_kernel_times(torch, name: str, dtype_name: str, fn, calls: int = 10) -> None:
+    """Device time per call of each CUDA kernel that fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:3]:
+        if ev.device_time_total <= 0:
+            continue
+        found = re.search(r"(\w+_kernel)", ev.key)
+        label = found[1] if found else ev.key[:40]
+        print(f"  {name} {dtype_name:8s} kernel {label:40s} {ev.device_time_total / calls:9.1f} us")
+
+
+def bench_one(
+    torch, kcuda, dev, gen, timed, name: str, dtype_name: str, target: float, profile: bool
+) -> dict:
     shape, capacity, d, q_count = WORKLOADS[name]
     grid = math.prod(shape)
     dtype = getattr(torch, dtype_name)
@@ -143,6 +170,11 @@ def bench_one(torch, kcuda, dev, gen, timed, name: str, dtype_name: str, target:
         return kcuda.torch_search(keys, values, written, queries, K, target, "ip")
 
     t_search = timed(search)
+    t_scores = timed(
+        lambda: kcuda.torch_search(keys, values, written, queries, K, target, "ip", gather=False)
+    )
+    if profile:
+        print_kernel_times(torch, name, dtype_name, search)
     res = search()
     # Recall against exact top-k of the float32 rows, in slot space (knnmem's indices
     # are stream positions: slot = slot_of[position % capacity]).
@@ -175,10 +207,12 @@ def bench_one(torch, kcuda, dev, gen, timed, name: str, dtype_name: str, target:
         "workload": name,
         "dtype": dtype_name,
         "search_s": t_search,
+        "scores_only_s": t_scores,
         "step_s": t_step,
         "torch_mm_topk_s": t_torch,
         "recall": recall,
         "search_tflops": flops / t_search / 1e12,
+        "scores_only_tflops": flops / t_scores / 1e12,
         "speedup_vs_torch": t_torch / t_search,
         "plan": kcuda._cuda.plan(grid, capacity, d, q_count, K, target, dtype_name),
     }

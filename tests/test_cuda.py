@@ -78,11 +78,10 @@ def test_plan_matches_the_core_bins_and_bounds_the_workspace(dtype) -> None:
         plan = kcuda._cuda.plan(16, 8192, 64, 512, k, target, dtype)
         assert plan["num_bins"] == knnmem._core.bins_for_search(k, target, core_dtype)
         assert plan["bins"] == min(plan["num_bins"], 8192)
-        assert plan["split_len"] % 64 == 0
+        assert plan["split_len"] % plan["bins"] == 0  # whole rounds of the bins
         assert plan["splits"] * plan["split_len"] >= 8192 > (plan["splits"] - 1) * plan["split_len"]
-        assert (
-            plan["workspace_bytes"] == plan["splits"] * 16 * plan["query_chunk"] * plan["bins"] * 8
-        )
+        bins_bytes = plan["splits"] * 16 * plan["query_chunk"] * plan["bins"] * 8
+        assert plan["workspace_bytes"] == bins_bytes + 16 * plan["query_chunk"] * k * 4
     exact = kcuda._cuda.plan(1, 65536, 128, 4096, 32, 1.0, dtype)
     assert exact["num_bins"] == 0 and exact["bins"] == 65536 and exact["splits"] == 1
     assert exact["workspace_bytes"] <= 1 << 30 and exact["query_chunk"] % 64 == 0
@@ -308,7 +307,7 @@ def test_cuda_rejects_bad_input_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="keys: expected shape"):
         mem.add(np.ones((2, 3, 5), np.float32), good)
     with pytest.raises(ValueError, match="queries: expected finite"):
-        mem.search(bad)
+        mem.search(bad, k=4)
     with pytest.raises(ValueError, match="k: expected"):
         mem.search(good, k=17)
     np.testing.assert_array_equal(mem.written, [3, 3])

@@ -204,3 +204,32 @@ def test_emulated_two_query_tiles_per_memory(emulated) -> None:
     res = mem.search(q, k=4, recall_target=0.9)
     check_against_model(stream, q, res, 4, 0.9, "ip", "float32")
     np.testing.assert_array_equal(res.indices, model_search(stream, q, 4, 0.9, "ip", "float32")[1])
+
+
+@pytest.mark.parametrize(
+    "dtype, d, metric",
+    [
+        ("bfloat16", 72, "ip"),  # 16-bit, key_dim > 64: query fragments from shared memory
+        ("float16", 40, "l2"),  # 16-bit, query fragments in registers, 16-byte key copies
+        ("float32", 36, "cosine"),  # float32 tiles, 16-byte key copies
+    ],
+)
+def test_emulated_bin_tiles_rounds_and_ranges(emulated, dtype, d, metric) -> None:
+    # k = 32 at 0.9: L > 128, so three tiles of bins (the last one partial); one query
+    # tile per memory, so the rounds are cut into several ranges, merged by the select.
+    rng = np.random.default_rng(d)
+    # value_dim 4: rows gathered 4 elements per load (bfloat16/float16 keys: 8 bytes).
+    mem = knnmem.Memory(
+        (2,), capacity=3000, key_dim=d, value_dim=4, dtype=dtype, metric=metric, device="cuda"
+    )
+    plan = kcuda._cuda.plan(2, 3000, d, 5, 32, 0.9, dtype)
+    assert plan["bins"] > 128 and plan["splits"] > 1
+    stream = gaussian_stream(mem, rng, 2, 1700)  # wrapped
+    q = rng.standard_normal((2, 5, d)).astype(np.float32)
+    res = mem.search(q, k=32, recall_target=0.9)
+    check_against_model(stream, q, res, 32, 0.9, metric, dtype)
+    for g in range(2):
+        keys, values, first = stream.live(g)
+        rows = res.indices[g][res.mask[g]] - first
+        np.testing.assert_array_equal(res.keys[g][res.mask[g]], _round(keys[rows], dtype))
+        np.testing.assert_array_equal(res.values[g][res.mask[g]], values[rows])

@@ -25,21 +25,25 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/knnmem_cuda.hpp"
 
 namespace knnmem::cuda {
 namespace {
 
-constexpr int kTileQ = 64;                  // queries per score block
-constexpr int kTileS = 64;                  // slots per score tile
-constexpr int kThreads = 128;               // 4 warps
+constexpr int kTileQ = 128;         // queries per score block
+constexpr int kTileS = 64;          // keys (bins) per score tile
+constexpr int kScoreThreads = 256;  // score block: 8 warps, 4 x 2 over the 128 x 64 tile
+constexpr int kScoreWarps = kScoreThreads / 32;
+constexpr int kMaxStages = 4;               // key tiles in flight per score block
+constexpr int kThreads = 128;               // select block: 4 warps, one query each
 constexpr int kWarps = kThreads / 32;       //
-constexpr int kScoreStride = kTileS + 4;    // floats per row of the score tile
-constexpr int64_t kTargetBlocks = 528;      // ~4 blocks per SM of an H100 (132 SMs)
-constexpr int64_t kMinSplitSlots = 1024;    // smallest slot range worth its own block
+constexpr int64_t kTargetBlocks = 1056;     // ~2 waves of 4 blocks per SM of an H100 (132 SMs)
+constexpr int64_t kMinSplitRounds = 4;      // fewest rounds of the bins a block scans
 constexpr int64_t kSmemBudget = 200 << 10;  // bytes of shared memory a score block may ask for
 constexpr float kNegInf = -INFINITY;
 
@@ -70,42 +74,41 @@ struct Elem<__half> {
   static __device__ __half from_float(float x) { return __float2half_rn(x); }
 };
 
-// Row stride (elements) of the query and key tiles in shared memory. The
-// 16-bit tiles feed WMMA (ldm a multiple of 8, rows 32-byte aligned); the
-// float32 tile is read one key per thread, so its stride is odd (no bank
-// conflicts).
+// Row strides (elements) of the query and key tiles in shared memory. 16-bit
+// tiles are read as 32-bit words by the mma.sync fragment loads: a row stride
+// of 8 (mod 16) words puts the 8 rows x 4 words of a fragment in 32 distinct
+// banks. float32 tiles are read as float4 along the key dimension by 8 threads
+// at a time, so a stride of 4 (mod 8) words keeps those reads conflict-free.
+// Every row is 16-byte aligned (cp.async).
 template <typename T>
 __host__ __device__ constexpr int64_t padded_dim(int64_t dim) {
   return (dim + 15) / 16 * 16;
 }
 template <typename T>
-__host__ __device__ constexpr int64_t query_stride(int64_t dim) {
-  return sizeof(T) == 4 ? padded_dim<T>(dim) : padded_dim<T>(dim) + 8;
-}
-template <typename T>
-__host__ __device__ constexpr int64_t key_stride(int64_t dim) {
-  return sizeof(T) == 4 ? padded_dim<T>(dim) + 1 : padded_dim<T>(dim) + 8;
+__host__ __device__ constexpr int64_t tile_stride(int64_t dim) {
+  return sizeof(T) == 4 ? padded_dim<T>(dim) + 4 : padded_dim<T>(dim) + 8;
 }
 
 __host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Shared-memory layout of a score block (byte offsets).
+// Shared-memory layout of a score block (byte offsets): the prepared queries,
+// `stages` key tiles (double-buffered when they fit), and per key tile the
+// column's norm term, mask bias (0 or -inf) and stream offset.
 struct ScoreSmem {
-  int64_t queries, keys, scores, query_sq, key_aux, key_off, bins, tiles_end, total;
+  int64_t queries, keys, key_bytes, query_sq, key_aux, key_bias, key_off, total;
 };
 
 template <typename T>
-__host__ __device__ ScoreSmem score_smem(int64_t dim, int64_t bins, bool bins_in_smem) {
+__host__ __device__ ScoreSmem score_smem(int64_t dim, int stages) {
   ScoreSmem s{};
   s.queries = 0;
-  s.keys = s.queries + align128(kTileQ * query_stride<T>(dim) * sizeof(T));
-  s.scores = s.keys + align128(kTileS * key_stride<T>(dim) * sizeof(T));
-  s.query_sq = s.scores + align128(kTileQ * kScoreStride * sizeof(float));
+  s.key_bytes = align128(kTileS * tile_stride<T>(dim) * sizeof(T));
+  s.keys = s.queries + align128(kTileQ * tile_stride<T>(dim) * sizeof(T));
+  s.query_sq = s.keys + stages * s.key_bytes;
   s.key_aux = s.query_sq + align128(kTileQ * sizeof(float));
-  s.key_off = s.key_aux + align128(kTileS * sizeof(float));
-  s.bins = s.key_off + align128(kTileS * sizeof(int32_t));
-  s.tiles_end = s.bins;
-  s.total = bins_in_smem ? s.bins + kTileQ * bins * (sizeof(float) + sizeof(int32_t)) : s.bins;
+  s.key_bias = s.key_aux + align128(kMaxStages * kTileS * sizeof(float));
+  s.key_off = s.key_bias + align128(kMaxStages * kTileS * sizeof(float));
+  s.total = s.key_off + align128(kMaxStages * kTileS * sizeof(int32_t));
   return s;
 }
 
@@ -142,7 +145,7 @@ __device__ MemState mem_state(int64_t written, int64_t capacity, int64_t num_bin
 
 // Score of a dot product under the metric, as the CPU kernels compute it.
 // aux: 1/|k| (cosine) or |k|^2 (l2) of the key as stored.
-__device__ float apply_metric(float dot, int metric, float query_sq, float aux) {
+__device__ __forceinline__ float apply_metric(float dot, int metric, float query_sq, float aux) {
   if (metric == static_cast<int>(Metric::kCosine)) return dot * aux;
   if (metric == static_cast<int>(Metric::kL2)) return fminf(0.0f, 2.0f * dot - (query_sq + aux));
   return dot;
@@ -158,72 +161,107 @@ __device__ float warp_sum(float v) {
   return v;
 }
 
-// --- score tiles ---------------------------------------------------------------
-// scores[q][s] = <queries[q], keys[s]> for the 64 x 64 tile, fp32 accumulation.
-template <typename T>
-__device__ void score_tile(const T* queries, const T* keys, float* scores, int64_t dim) {
-  if constexpr (sizeof(T) == 4) {
-    // float32: 8 queries x 4 keys per thread.
-    const int tid = threadIdx.x;
-    const int ty = tid / 16, tx = tid % 16;
-    const int64_t qs = query_stride<T>(dim), ks = key_stride<T>(dim);
-    float acc[8][4] = {};
-    for (int64_t c = 0; c < dim; ++c) {
-      float a[8], b[4];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = queries[(ty * 8 + i) * qs + c];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = keys[(tx + 16 * j) * ks + c];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) scores[(ty * 8 + i) * kScoreStride + tx + 16 * j] = acc[i][j];
-    }
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    // 16-bit inputs on tensor cores: each warp computes a 32 x 32 quarter.
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x / 32;
-    const int row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
-    const int64_t qs = query_stride<T>(dim), ks = key_stride<T>(dim);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    }
-    const int64_t padded = padded_dim<T>(dim);
-    for (int64_t c = 0; c < padded; c += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], queries + (row0 + 16 * i) * qs + c, static_cast<unsigned>(qs));
-        wmma::load_matrix_sync(b[i], keys + (col0 + 16 * i) * ks + c, static_cast<unsigned>(ks));
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::store_matrix_sync(scores + (row0 + 16 * i) * kScoreStride + col0 + 16 * j, acc[i][j],
-                                kScoreStride, wmma::mem_row_major);
-      }
-    }
+// --- asynchronous copies and tensor-core products ---------------------------------
+// cp.async (sm_80+) copies 16 bytes global -> shared without registers; the
+// emulation (tests/cuda_emu) copies at once.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+#if defined(KNNMEM_CUDA_EMU) || !defined(__CUDA_ARCH__)
+  std::memcpy(dst, src, 16);
 #else
-    __trap();  // 16-bit key tiles need sm_80 or newer (bf16 WMMA)
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src));
 #endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if !defined(KNNMEM_CUDA_EMU) && defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int Pending>
+__device__ __forceinline__ void copy_wait() {
+#if !defined(KNNMEM_CUDA_EMU) && defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+#endif
+}
+// Waits until at most `pending` of this thread's newest copy groups are in flight.
+__device__ __forceinline__ void copy_wait_for(int pending) {
+  switch (pending) {
+    case 0:
+      copy_wait<0>();
+      break;
+    case 1:
+      copy_wait<1>();
+      break;
+    case 2:
+      copy_wait<2>();
+      break;
+    default:
+      copy_wait<3>();
+  }
+}
+
+// d += a (16x16, row) * b (16x8, col), bf16/fp16 inputs, fp32 accumulation
+// (mma.sync.m16n8k16). Fragments as the PTX ISA lays them out: with
+// g = lane / 4 and t = lane % 4, a holds A[g][2t..], A[g+8][2t..],
+// A[g][2t+8..], A[g+8][2t+8..]; b holds B[2t..][g], B[2t+8..][g]; d holds
+// D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+template <typename T>
+__device__ __forceinline__ void mma_16816(float& d0, float& d1, float& d2, float& d3,
+                                          const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(KNNMEM_CUDA_EMU)
+  ::emu::mma_16816<T>(d0, d1, d2, d3, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // 16-bit key tiles need sm_80 or newer
+#endif
+}
+
+// --- the score kernel ----------------------------------------------------------
+// A block of 128 threads per (memory, 64 queries, 64 bins, range of rounds).
+// Bins as columns: bin b of round r is slot r * L + b, so the 64 x 64 product
+// of the queries with the keys of slots [r L + b0, r L + b0 + 64) gives every
+// query one score per bin, and the running max over rounds stays in the
+// registers that hold the product: each thread keeps, per accumulator
+// element, the best score and the round it came from -- no score tile, no bin
+// state in memory. Key tiles stream in with cp.async, double-buffered.
+// A memory searched exactly (bins are stream offsets: L >= rows held, or
+// recall_target 1) walks its slots in tiles of 64 instead, shared among all the
+// memory's blocks, and writes each row's score to the bin of its offset.
+//
+// Each thread's 32 accumulator elements: for 16-bit keys, warp w holds rows
+// 32 (w / 2) .. +32 and columns 32 (w % 2) .. +32 as 2 x 4 m16n8 tiles; for
+// float32, thread t holds rows 8 (t / 16) .. +8 and columns t % 16 + 16 j.
+constexpr int kAcc = 32;
+
+template <typename T>
+__device__ __forceinline__ int acc_row(int e) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if constexpr (sizeof(T) == 4) {
+    return static_cast<int>(threadIdx.x / 16) * 8 + e / 4;
+  } else {
+    return (warp / 2) * 32 + (e / 16) * 16 + lane / 4 + ((e & 2) ? 8 : 0);
+  }
+}
+template <typename T>
+__device__ __forceinline__ int acc_col(int e) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if constexpr (sizeof(T) == 4) {
+    return static_cast<int>(threadIdx.x % 16) + 16 * (e % 4);
+  } else {
+    return (warp % 2) * 32 + ((e / 4) % 4) * 8 + (lane % 4) * 2 + (e & 1);
   }
 }
 
@@ -236,56 +274,121 @@ struct ScoreParams {
   int64_t grid, capacity, dim, num_queries;
   int64_t q_begin, q_count;  // this launch's chunk of queries
   int64_t num_bins;          // 0 = exact
-  int64_t bins;              // per query in the workspace
-  int64_t split_len;
+  int64_t bins;              // L: bins per query in the workspace
+  int64_t bin_tiles;         // ceil(L / 64)
+  int64_t split_rounds;      // rounds per split
   int metric;
-  bool bins_in_smem;
+  int stages;        // key tiles in flight: 1 .. kMaxStages
+  bool vec_loads;    // keys copied 16 bytes at a time (aligned rows)
   float* part_best;  // [splits][G][q_count][bins]
   int32_t* part_slot;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
+// 32 accumulators: scores of the block's 64 queries with the tile's 64 keys.
+// KS > 0: 16-bit keys with padded_dim == 16 KS, query fragments in registers.
+template <typename T, int KS>
+__device__ __forceinline__ void tile_product(const T* q_tile, const T* k_tile, int64_t dim,
+                                             const uint32_t (&a_reg)[KS > 0 ? KS : 1][2][4],
+                                             float (&acc)[kAcc]) {
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
+  const int64_t stride = tile_stride<T>(dim);
+  if constexpr (sizeof(T) == 4) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    const int64_t padded = padded_dim<T>(dim);
+    for (int64_t c = 0; c < padded; c += 4) {
+      float4 a[8], b[4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        a[i] = *reinterpret_cast<const float4*>(q_tile + (ty * 8 + i) * stride + c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        b[j] = *reinterpret_cast<const float4*>(k_tile + (tx + 16 * j) * stride + c);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float v = acc[i * 4 + j];
+          v = fmaf(a[i].x, b[j].x, v);
+          v = fmaf(a[i].y, b[j].y, v);
+          v = fmaf(a[i].z, b[j].z, v);
+          acc[i * 4 + j] = fmaf(a[i].w, b[j].w, v);
+        }
+      }
+    }
+  } else {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, t = lane % 4;
+    const int64_t words = stride / 2;  // 32-bit words per tile row
+    const uint32_t* qw =
+        reinterpret_cast<const uint32_t*>(q_tile) + ((warp / 2) * 32 + g) * words + t;
+    const uint32_t* kw =
+        reinterpret_cast<const uint32_t*>(k_tile) + ((warp % 2) * 32 + g) * words + t;
+    auto step = [&](int s, const uint32_t (&a)[2][4]) {
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const uint32_t* base = kw + ni * 8 * words + s * 8;
+        const uint32_t b0 = base[0], b1 = base[4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          float* d = acc + (mi * 4 + ni) * 4;
+          mma_16816<T>(d[0], d[1], d[2], d[3], a[mi], b0, b1);
+        }
+      }
+    };
+    if constexpr (KS > 0) {
+#pragma unroll
+      for (int s = 0; s < KS; ++s) step(s, a_reg[s]);
+    } else {
+      const int steps = static_cast<int>(padded_dim<T>(dim) / 16);
+      for (int s = 0; s < steps; ++s) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const uint32_t* base = qw + mi * 16 * words + s * 8;
+          a[mi][0] = base[0];
+          a[mi][1] = base[8 * words];
+          a[mi][2] = base[4];
+          a[mi][3] = base[8 * words + 4];
+        }
+        step(s, a);
+      }
+    }
+  }
+}
+
+template <typename T, int KS>
+__global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const ScoreSmem layout = score_smem<T>(p.dim, p.bins, p.bins_in_smem);
+  const ScoreSmem layout = score_smem<T>(p.dim, p.stages);
   T* q_tile = reinterpret_cast<T*>(smem + layout.queries);
-  T* k_tile = reinterpret_cast<T*>(smem + layout.keys);
-  float* s_tile = reinterpret_cast<float*>(smem + layout.scores);
   float* q_sq = reinterpret_cast<float*>(smem + layout.query_sq);
-  float* k_aux = reinterpret_cast<float*>(smem + layout.key_aux);
+  float* k_aux = reinterpret_cast<float*>(smem + layout.key_aux);    // [2][64]
+  float* k_bias = reinterpret_cast<float*>(smem + layout.key_bias);  // [2][64]
   int32_t* k_off = reinterpret_cast<int32_t*>(smem + layout.key_off);
+  auto key_tile = [&](int buf) {
+    return reinterpret_cast<T*>(smem + layout.keys + buf * layout.key_bytes);
+  };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t q_tiles = (p.q_count + kTileQ - 1) / kTileQ;
   const int64_t g = blockIdx.x / q_tiles;
   const int64_t q0 = blockIdx.x % q_tiles * kTileQ;
   const int nq = static_cast<int>(p.q_count - q0 < kTileQ ? p.q_count - q0 : kTileQ);
-  const int64_t split = blockIdx.y;
+  const int64_t bt = blockIdx.y, split = blockIdx.z;
   const MemState st =
       mem_state(load_written(p.written, p.written_is_int32, g), p.capacity, p.num_bins);
-  const int64_t L = p.bins;
+  const int64_t L = p.bins, b0 = bt * kTileS;
+  const int64_t stride = tile_stride<T>(p.dim);
+  const bool ip = p.metric == static_cast<int>(Metric::kInnerProduct);
 
-  // Bin state of this block's queries: [nq][L] best score and slot.
-  const int64_t part = ((split * p.grid + g) * p.q_count + q0) * L;
-  float* bin_best;
-  int32_t* bin_slot;
-  if (p.bins_in_smem) {
-    bin_best = reinterpret_cast<float*>(smem + layout.bins);
-    bin_slot = reinterpret_cast<int32_t*>(bin_best + kTileQ * L);
-  } else {
-    bin_best = p.part_best + part;
-    bin_slot = p.part_slot + part;
+  // Key tiles start zeroed: columns past dim stay zero, the loads never write them.
+  for (int64_t i = tid; i < p.stages * layout.key_bytes / 4; i += kScoreThreads) {
+    reinterpret_cast<uint32_t*>(smem + layout.keys)[i] = 0;
   }
-  for (int64_t i = tid; i < nq * L; i += kThreads) {
-    bin_best[i] = kNegInf;
-    bin_slot[i] = -1;
-  }
-
   // Queries, prepared as the CPU prepares them: |q|^2 of the float32 query,
   // unit length for cosine, then rounded to the key type.
-  const int64_t qs = query_stride<T>(p.dim), ks = key_stride<T>(p.dim);
-  const int64_t padded = padded_dim<T>(p.dim);
-  for (int r = warp; r < kTileQ; r += kWarps) {
+  for (int r = warp; r < kTileQ; r += kScoreWarps) {
     const float* src = p.queries + ((g * p.num_queries) + p.q_begin + q0 + r) * p.dim;
     float sq = 0.0f;
     if (r < nq) {
@@ -294,97 +397,226 @@ __global__ void __launch_bounds__(kThreads) score_bins_kernel(ScoreParams p) {
     sq = warp_sum(sq);
     const float scale =
         p.metric == static_cast<int>(Metric::kCosine) && sq > 0.0f ? 1.0f / sqrtf(sq) : 1.0f;
-    for (int64_t c = lane; c < qs; c += 32) {
+    for (int64_t c = lane; c < stride; c += 32) {
       const float v = r < nq && c < p.dim ? src[c] * scale : 0.0f;
-      q_tile[r * qs + c] = Elem<T>::from_float(v);
+      q_tile[r * stride + c] = Elem<T>::from_float(v);
     }
     if (lane == 0) q_sq[r] = sq;
   }
 
-  const int64_t s_begin = split * p.split_len;
-  const int64_t s_end = st.end < s_begin + p.split_len ? st.end : s_begin + p.split_len;
-  const T* keys = static_cast<const T*>(p.keys) + g * p.capacity * p.dim;
-  // Lanes of a warp fold one query's scores into distinct bins at a time.
-  const int width = st.exact || L >= 32 ? 32 : static_cast<int>(L);
-  for (int64_t s0 = s_begin; s0 < s_end; s0 += kTileS) {
-    const int ns = static_cast<int>(s_end - s0 < kTileS ? s_end - s0 : kTileS);
-    __syncthreads();                               // the previous tile is consumed
-    for (int r = warp; r < kTileS; r += kWarps) {  // a warp per key row: coalesced
-      const T* src = keys + (s0 + r) * p.dim;
-      for (int64_t c = lane; c < ks; c += 32) {
-        k_tile[r * ks + c] = r < ns && c < p.dim ? src[c] : Elem<T>::from_float(0.0f);
+  // The block's tiles of 64 keys. Binned: rounds [r_begin, r_end) of its bins;
+  // column c of round r is slot r L + b0 + c. Exact: the memory's slot tiles
+  // j, j + nj, ... of 64 slots each.
+  const int64_t blocks_per_memory = p.bin_tiles * gridDim.z;
+  const int64_t j = split * p.bin_tiles + bt;
+  int64_t first, count, step;
+  if (st.exact) {
+    const int64_t slot_tiles = (st.end + kTileS - 1) / kTileS;
+    first = j;
+    step = blocks_per_memory;
+    count = first < slot_tiles ? (slot_tiles - first + step - 1) / step : 0;
+  } else {
+    const int64_t rounds = (st.end + L - 1) / L;
+    first = split * p.split_rounds;
+    step = 1;
+    const int64_t last = first + p.split_rounds < rounds ? first + p.split_rounds : rounds;
+    count = last > first ? last - first : 0;
+  }
+  const int64_t cols = st.exact ? kTileS : (L - b0 < kTileS ? L - b0 : kTileS);
+  auto slot_of_col = [&](int64_t item, int64_t c) {
+    return st.exact ? item * kTileS + c : item * L + b0 + c;
+  };
+  // Starts the copy of tile `item` into buffer `buf`: keys (zeros for columns
+  // that hold no row), and each column's mask bias and stream offset.
+  auto load = [&](int64_t item, int buf) {
+    T* dst = key_tile(buf);
+    constexpr int per16 = 16 / sizeof(T);
+    if (p.vec_loads) {
+      const int64_t chunks = p.dim / per16;
+      for (int64_t i = tid; i < kTileS * chunks; i += kScoreThreads) {
+        const int64_t c = i / chunks, part = i % chunks;
+        const int64_t s = slot_of_col(item, c);
+        T* d = dst + c * stride + part * per16;
+        if (c < cols && s < st.end) {
+          copy16_async(d,
+                       static_cast<const T*>(p.keys) + (g * p.capacity + s) * p.dim + part * per16);
+        } else {
+          *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+        }
+      }
+    } else {
+      for (int64_t i = tid; i < kTileS * p.dim; i += kScoreThreads) {
+        const int64_t c = i / p.dim, e = i % p.dim;
+        const int64_t s = slot_of_col(item, c);
+        dst[c * stride + e] = c < cols && s < st.end
+                                  ? static_cast<const T*>(p.keys)[(g * p.capacity + s) * p.dim + e]
+                                  : Elem<T>::from_float(0.0f);
       }
     }
-    if (tid < kTileS) k_off[tid] = tid < ns ? p.offset_of[s0 + tid] : INT_MAX;
-    __syncthreads();
-    if (p.metric != static_cast<int>(Metric::kInnerProduct)) {
-      for (int r = warp; r < kTileS; r += kWarps) {
-        float sq = 0.0f;
-        for (int64_t c = lane; c < padded; c += 32) {
-          const float v = Elem<T>::to_float(k_tile[r * ks + c]);
-          sq += v * v;
-        }
-        sq = warp_sum(sq);
-        if (lane == 0) k_aux[r] = aux_of(p.metric, sq);
-      }
+    copy_commit();
+    if (tid < kTileS) {  // offsets are read only where needed: a load's latency per tile
+      const int64_t s = slot_of_col(item, tid);
+      const bool in_range = tid < cols && s < st.end;
+      const bool need_off = in_range && (st.exact || s >= st.masked_begin);
+      const int32_t off = need_off ? p.offset_of[s] : INT_MAX;
+      const bool live = in_range && (s < st.masked_begin || off < st.written);
+      k_bias[buf * kTileS + tid] = live ? 0.0f : kNegInf;
+      k_off[buf * kTileS + tid] = off;
     }
-    score_tile<T>(q_tile, k_tile, s_tile, p.dim);
-    __syncthreads();
-    const int64_t bin0 = s0 % L;  // bin of the tile's first slot; no division per score
-    for (int r = warp; r < nq; r += kWarps) {
-      for (int j0 = 0; j0 < ns; j0 += width) {
-        const int j = j0 + lane;
-        if (lane < width && j < ns) {
-          const int64_t s = s0 + j;
-          if (s < st.masked_begin || k_off[j] < st.written) {
-            const float v = apply_metric(s_tile[r * kScoreStride + j], p.metric, q_sq[r], k_aux[j]);
-            int64_t bin = bin0 + j;  // (s0 + j) mod L, j < 64
-            while (bin >= L) bin -= L;
-            if (st.exact) bin = k_off[j];
-            if (v > bin_best[r * L + bin]) {
-              bin_best[r * L + bin] = v;
-              bin_slot[r * L + bin] = static_cast<int32_t>(s);
-            }
-          }
-        }
-        __syncwarp();
+  };
+
+  // Query fragments held in registers across all tiles (16-bit, small dim).
+  uint32_t a_reg[KS > 0 ? KS : 1][2][4];
+  __syncthreads();
+  if constexpr (KS > 0) {
+    const int gq = lane / 4, t = lane % 4;
+    const int64_t words = stride / 2;
+    const uint32_t* qw =
+        reinterpret_cast<const uint32_t*>(q_tile) + ((warp / 2) * 32 + gq) * words + t;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const uint32_t* base = qw + mi * 16 * words + s * 8;
+        a_reg[s][mi][0] = base[0];
+        a_reg[s][mi][1] = base[8 * words];
+        a_reg[s][mi][2] = base[4];
+        a_reg[s][mi][3] = base[8 * words + 4];
       }
     }
   }
-  if (p.bins_in_smem) {
-    __syncthreads();
-    for (int64_t i = tid; i < nq * L; i += kThreads) {
-      p.part_best[part + i] = bin_best[i];
-      p.part_slot[part + i] = bin_slot[i];
+  float best[kAcc];
+  int32_t round_of[kAcc];
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) {
+    best[e] = kNegInf;
+    round_of[e] = -1;
+  }
+  // Warps whose 32 rows hold no query skip the products (16-bit layout).
+  const bool rows_used = sizeof(T) == 4 ? (tid / 16) * 8 < nq : (warp / 2) * 32 < nq;
+  const int64_t full_end = st.masked_begin < st.end ? st.masked_begin : st.end;
+
+  // S-stage pipeline: tiles n + 1 .. n + S - 1 are in flight while tile n is
+  // used. Every iteration commits one copy group (empty past the end), so
+  // "all but the newest S - 1 groups done" means tile n has landed.
+  const int S = p.stages;
+  for (int n = 0; n < S - 1; ++n) {
+    if (n < count) {
+      load(first + n * step, n);
+    } else {
+      copy_commit();
+    }
+  }
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t item = first + n * step;
+    const int buf = static_cast<int>(n % S);
+    if (n + S - 1 < count) {
+      load(item + (S - 1) * step, static_cast<int>((n + S - 1) % S));
+    } else {
+      copy_commit();
+    }
+    copy_wait_for(S - 1);
+    __syncthreads();  // tile `buf` is in shared memory
+    const T* k_tile = key_tile(buf);
+    if (!ip) {  // the norm term of each column, from the key as stored
+      constexpr int per_col = kScoreThreads / kTileS;  // threads per column
+      const int c = tid / per_col;
+      float sq = 0.0f;
+      for (int64_t e = tid % per_col; e < p.dim; e += per_col) {
+        const float v = Elem<T>::to_float(k_tile[c * stride + e]);
+        sq += v * v;
+      }
+      for (int o = per_col / 2; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+      if (tid % per_col == 0) k_aux[buf * kTileS + c] = aux_of(p.metric, sq);
+      __syncthreads();
+    }
+    if (rows_used) {
+      float acc[kAcc];
+      tile_product<T, KS>(q_tile, k_tile, p.dim, a_reg, acc);
+      const float* bias = k_bias + buf * kTileS;
+      const float* aux = k_aux + buf * kTileS;
+      if (st.exact) {  // one row per bin: write each live row's score to its offset's bin
+#pragma unroll
+        for (int e = 0; e < kAcc; ++e) {
+          const int row = acc_row<T>(e), col = acc_col<T>(e);
+          if (row < nq && bias[col] == 0.0f) {
+            const int64_t o = (g * p.q_count + q0 + row) * L + k_off[buf * kTileS + col];
+            p.part_best[o] = apply_metric(acc[e], p.metric, q_sq[row], aux[col]);
+            p.part_slot[o] = static_cast<int32_t>(item * kTileS + col);
+          }
+        }
+      } else if (ip && item * L + b0 + cols <= full_end) {  // every column live
+        const int32_t r = static_cast<int32_t>(item);
+#pragma unroll
+        for (int e = 0; e < kAcc; ++e) {
+          if (acc[e] > best[e]) {
+            best[e] = acc[e];
+            round_of[e] = r;
+          }
+        }
+      } else {
+        const int32_t r = static_cast<int32_t>(item);
+#pragma unroll
+        for (int e = 0; e < kAcc; ++e) {
+          const int row = acc_row<T>(e), col = acc_col<T>(e);
+          const float v = apply_metric(acc[e], p.metric, q_sq[row], aux[col]) + bias[col];
+          if (v > best[e]) {
+            best[e] = v;
+            round_of[e] = r;
+          }
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with tile `buf` before it is refilled
+  }
+  if (st.exact) return;  // bins written as found; the select kernel reads only those
+  const int64_t part = ((split * p.grid + g) * p.q_count + q0) * L + b0;
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) {
+    const int row = acc_row<T>(e), col = acc_col<T>(e);
+    if (row < nq && col < cols) {
+      p.part_best[part + row * L + col] = best[e];
+      p.part_slot[part + row * L + col] =
+          round_of[e] < 0 ? -1 : static_cast<int32_t>(round_of[e] * L + b0 + col);
     }
   }
 }
 
 // --- selection -------------------------------------------------------------------
-// One warp per (memory, query): merge the slot ranges bin by bin, then k rounds
-// of a warp-wide arg-max over the bin winners, each round taking the best
-// candidate after the previous pick in (score desc, slot asc) order (slots are
-// distinct, so that order is total and nothing needs marking), then the gather.
+// One warp per (memory, query): merge the slot ranges bin by bin, take the
+// exact top-k of the bin winners, then gather their keys and values.
+// Candidates are 64-bit keys, larger = better: the score's bits in an order
+// that integers compare like the floats (-0 folded into +0) above the
+// complement of the slot, so equal scores put the lower slot first and every
+// key is distinct; 0 is "none". With the bins in registers (L <= 32 R), each
+// lane sorts its R candidates once and a round is a warp-wide max of the lanes'
+// heads, the winner popping its head; otherwise a round is the max of the
+// candidates below the previous pick.
 struct Cand {
   float score;
   int32_t slot;  // -1: none
 };
 
-// a before b in (score desc, slot asc); an empty candidate is last.
-__device__ bool before(Cand a, Cand b) {
-  if (a.slot < 0) return false;
-  if (b.slot < 0) return true;
-  return a.score > b.score || (a.score == b.score && a.slot < b.slot);
+__device__ __forceinline__ uint64_t cand_key(float score, int32_t slot) {
+  if (slot < 0) return 0;
+  uint32_t u = __float_as_uint(score + 0.0f);  // -0 + 0 = +0
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(slot));
 }
 
-__device__ Cand warp_best(Cand c) {
+__device__ __forceinline__ Cand cand_of(uint64_t key) {
+  if (key == 0) return {kNegInf, -1};
+  uint32_t u = static_cast<uint32_t>(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7FFFFFFFu) : ~u;
+  return {__uint_as_float(u), static_cast<int32_t>(~static_cast<uint32_t>(key))};
+}
+
+__device__ __forceinline__ uint64_t warp_max(uint64_t v) {
   for (int o = 16; o > 0; o >>= 1) {
-    Cand other;
-    other.score = __shfl_xor_sync(0xffffffffu, c.score, o);
-    other.slot = __shfl_xor_sync(0xffffffffu, c.slot, o);
-    if (before(other, c)) c = other;
+    const uint64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
   }
-  return c;
+  return v;
 }
 
 __device__ int64_t warp_sum_int(int64_t v) {
@@ -405,12 +637,16 @@ struct SelectParams {
   int metric;
   float* part_best;
   int32_t* part_slot;
+  int32_t* result_slot;  // [G][q_count][k]: the picks' slots (-1: none), for the gather
   SearchOutput out;
 };
 
-template <typename T>
+// Shared memory of the select kernel: per warp, the query (exact fallback).
+__host__ __device__ constexpr int64_t select_smem_bytes(int64_t dim) { return kWarps * dim * 4; }
+
+template <typename T, int R>
 __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
-  extern __shared__ __align__(16) float query_smem[];  // [warps][dim]: exact fallback
+  extern __shared__ __align__(16) float query_smem[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (task >= p.grid * p.q_count) return;  // whole warps only; no block-wide syncs below
@@ -426,20 +662,47 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
   const int64_t split_stride = p.grid * p.q_count * L;
 
   // Merge the slot ranges bin by bin (ascending ranges: ties keep the lower slot).
-  int64_t filled = 0;
-  for (int64_t b = lane; b < L; b += 32) {
+  // An exact search wrote one bin per row held, by stream offset, in range 0.
+  const int64_t nb = st.exact ? (st.live < L ? st.live : L) : L;
+  const int64_t splits = st.exact ? 1 : p.splits;
+  auto merged = [&](int64_t b) {
     float v = best[b];
     int32_t s = slot[b];
-    for (int64_t r = 1; r < p.splits; ++r) {
+    for (int64_t r = 1; r < splits; ++r) {
       const float w = best[b + r * split_stride];
       if (w > v) {
         v = w;
         s = slot[b + r * split_stride];
       }
     }
-    best[b] = v;
-    slot[b] = s;
-    filled += s >= 0;
+    return cand_key(v, s);
+  };
+  uint64_t held[R > 0 ? R : 1];
+  int64_t filled = 0;
+  if constexpr (R > 0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t b = lane + 32 * i;
+      held[i] = b < nb ? merged(b) : 0;
+      filled += held[i] != 0;
+    }
+    // Sort the lane's candidates, best first (odd-even transposition).
+#pragma unroll
+    for (int pass = 0; pass < R; ++pass) {
+#pragma unroll
+      for (int i = pass % 2; i + 1 < R; i += 2) {
+        const uint64_t a = held[i], b = held[i + 1];
+        held[i] = a > b ? a : b;
+        held[i + 1] = a > b ? b : a;
+      }
+    }
+  } else {
+    for (int64_t b = lane; b < nb; b += 32) {
+      const Cand c = cand_of(merged(b));
+      best[b] = c.score;
+      slot[b] = c.slot;
+      filled += c.slot >= 0;
+    }
   }
   const int64_t nonempty = warp_sum_int(filled);
   __syncwarp();  // merged bins visible to the whole warp
@@ -464,17 +727,13 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
     __syncwarp();
   }
 
-  Cand prev{INFINITY, -1};  // the last pick; the next is the best candidate after it
-  auto after_prev = [&](Cand c) {
-    return prev.slot < 0 || c.score < prev.score || (c.score == prev.score && c.slot > prev.slot);
-  };
-  int64_t found = 0;
-  for (; found < p.k; ++found) {
-    Cand mine{kNegInf, -1};
+  // The best candidate below `prev`, from memory or recomputed (fallback).
+  auto next_below = [&](uint64_t prev) {
+    uint64_t mine = 0;
     if (!fallback) {
-      for (int64_t b = lane; b < L; b += 32) {
-        const Cand c{best[b], slot[b]};
-        if (c.slot >= 0 && after_prev(c) && before(c, mine)) mine = c;
+      for (int64_t b = lane; b < nb; b += 32) {
+        const uint64_t c = cand_key(best[b], slot[b]);
+        if (c < prev && c > mine) mine = c;
       }
     } else {  // slow but rare: a sparse memory; scores recomputed each round
       for (int64_t s = lane; s < st.end; s += 32) {
@@ -485,52 +744,139 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
           dot = fmaf(query[c], kv, dot);
           sq = fmaf(kv, kv, sq);
         }
-        const Cand c{apply_metric(dot, p.metric, query_sq, aux_of(p.metric, sq)),
-                     static_cast<int32_t>(s)};
-        if (after_prev(c) && before(c, mine)) mine = c;
+        const uint64_t c = cand_key(apply_metric(dot, p.metric, query_sq, aux_of(p.metric, sq)),
+                                    static_cast<int32_t>(s));
+        if (c < prev && c > mine) mine = c;
       }
     }
-    const Cand pick = warp_best(mine);
-    if (pick.slot < 0) break;
-    const int64_t o = row * p.k + found;
-    if (lane == 0) {
-      const int64_t r = p.offset_of[pick.slot];
-      const int64_t pos = r + p.capacity * ((st.written - 1 - r) / p.capacity);
-      p.out.scores[o] = pick.score;
-      p.out.mask[o] = true;
+    return warp_max(mine);
+  };
+
+  // Picks in batches of 32: lane j holds pick j of the batch; the batch's
+  // results and slots are written lane-parallel (the gather kernel copies rows).
+  uint64_t prev = ~uint64_t{0};
+  bool done = false;
+  for (int64_t base = 0; base < p.k; base += 32) {
+    const int batch = static_cast<int>(p.k - base < 32 ? p.k - base : 32);
+    uint64_t pick_of_lane = 0;
+    for (int j = 0; j < batch && !done; ++j) {
+      uint64_t pick;
+      if constexpr (R > 0) {
+        if (!fallback) {
+          pick = warp_max(held[0]);
+          const bool won = pick != 0 && held[0] == pick;
+#pragma unroll
+          for (int i = 0; i + 1 < R; ++i) held[i] = won ? held[i + 1] : held[i];
+          held[R - 1] = won ? 0 : held[R - 1];
+        } else {
+          pick = next_below(prev);
+        }
+      } else {
+        pick = next_below(prev);
+      }
+      if (pick == 0) {
+        done = true;
+      } else {
+        if (lane == j) pick_of_lane = pick;
+        prev = pick;
+      }
+    }
+    if (lane < batch) {
+      const Cand mine = cand_of(pick_of_lane);
+      const int64_t o = row * p.k + base + lane;
+      int64_t pos = -1;
+      if (mine.slot >= 0) {
+        const int64_t r = p.offset_of[mine.slot];
+        pos = r + p.capacity * ((st.written - 1 - r) / p.capacity);
+      }
+      p.out.scores[o] = mine.score;
+      p.out.mask[o] = mine.slot >= 0;
       if (p.written_is_int32) {
         static_cast<int32_t*>(p.out.indices)[o] = static_cast<int32_t>(pos);
       } else {
         static_cast<int64_t*>(p.out.indices)[o] = pos;
       }
+      p.result_slot[(g * p.q_count + qi) * p.k + base + lane] = mine.slot;
     }
-    if (p.out.keys) {
-      for (int64_t c = lane; c < p.dim; c += 32) {
-        p.out.keys[o * p.dim + c] = Elem<T>::to_float(keys[pick.slot * p.dim + c]);
-      }
-    }
-    if (p.out.values) {
-      const float* v = p.values + (g * p.capacity + pick.slot) * p.value_dim;
-      for (int64_t c = lane; c < p.value_dim; c += 32) p.out.values[o * p.value_dim + c] = v[c];
-    }
-    prev = pick;
   }
-  for (int64_t j = found; j < p.k; ++j) {
-    const int64_t o = row * p.k + j;
-    if (lane == 0) {
-      p.out.scores[o] = kNegInf;
-      p.out.mask[o] = false;
-      if (p.written_is_int32) {
-        static_cast<int32_t*>(p.out.indices)[o] = -1;
+}
+
+// --- gather ------------------------------------------------------------------------
+// A thread per 4 elements of a result row (key, widened to float32, or value):
+// out row o = (g, query, j) copies slot result_slot[g][query][j] of memory g,
+// zeros where there is none. Results [row_begin, row_begin + rows) of the chunk.
+struct GatherParams {
+  const void* keys;
+  const float* values;
+  const int32_t* result_slot;  // [G][q_count][k]
+  int64_t capacity, dim, value_dim, num_queries, q_begin, q_count, k;
+  bool vec4;  // dims multiples of 4, 16-byte aligned rows: 4 elements per load and store
+  SearchOutput out;
+};
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* src, float (&v)[4]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(src);
+    v[0] = x.x;
+    v[1] = x.y;
+    v[2] = x.z;
+    v[3] = x.w;
+  } else {
+    const uint2 x = *reinterpret_cast<const uint2*>(src);
+    const T* h = reinterpret_cast<const T*>(&x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = Elem<T>::to_float(h[i]);
+  }
+}
+
+template <typename T>
+__global__ void gather_kernel(GatherParams p, int64_t row_begin, unsigned rows) {
+  const unsigned key_parts = static_cast<unsigned>(p.vec4 ? p.dim / 4 : p.dim);
+  const unsigned value_parts = static_cast<unsigned>(p.vec4 ? p.value_dim / 4 : p.value_dim);
+  const unsigned per_row = (p.out.keys ? key_parts : 0u) + (p.out.values ? value_parts : 0u);
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (per_row == 0 || i >= rows * per_row) return;
+  const unsigned local = i / per_row;
+  unsigned part = i % per_row;
+  const int64_t r = row_begin + local;  // [g][query][j] within the chunk
+  const int64_t per_memory = p.q_count * p.k;
+  const int64_t g = r / per_memory, rest = r % per_memory;
+  const int32_t s = p.result_slot[r];
+  const int64_t o = (g * p.num_queries + p.q_begin) * p.k + rest;  // output row
+  const bool key_part = p.out.keys && part < key_parts;
+  if (!key_part && p.out.keys) part -= key_parts;
+  const int width = p.vec4 ? 4 : 1;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (key_part) {
+    const T* src = static_cast<const T*>(p.keys) + (g * p.capacity + s) * p.dim + part * width;
+    if (s >= 0) {
+      if (p.vec4) {
+        load4<T>(src, v);
       } else {
-        static_cast<int64_t*>(p.out.indices)[o] = -1;
+        v[0] = Elem<T>::to_float(*src);
       }
     }
-    if (p.out.keys) {
-      for (int64_t c = lane; c < p.dim; c += 32) p.out.keys[o * p.dim + c] = 0.0f;
+    float* dst = p.out.keys + o * p.dim + part * width;
+    if (p.vec4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      *dst = v[0];
     }
-    if (p.out.values) {
-      for (int64_t c = lane; c < p.value_dim; c += 32) p.out.values[o * p.value_dim + c] = 0.0f;
+  } else {
+    const float* src = p.values + (g * p.capacity + s) * p.value_dim + part * width;
+    if (s >= 0) {
+      if (p.vec4) {
+        load4<float>(src, v);
+      } else {
+        v[0] = *src;
+      }
+    }
+    float* dst = p.out.values + o * p.value_dim + part * width;
+    if (p.vec4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      *dst = v[0];
     }
   }
 }
@@ -574,14 +920,10 @@ unsigned blocks_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>(std::clamp<int64_t>(b, 1, 65535));
 }
 
-template <typename T>
-int64_t smem_for_tiles(int64_t dim) {
-  return score_smem<T>(dim, 0, false).total;
-}
-
+// Shared memory of a score block with one key tile (the least it can run with).
 int64_t tiles_bytes(int64_t dim, KeyDType dtype) {
-  return dtype == KeyDType::kFloat32 ? smem_for_tiles<float>(dim)
-                                     : smem_for_tiles<__half>(dim);  // bf16 and fp16: same size
+  return dtype == KeyDType::kFloat32 ? score_smem<float>(dim, 1).total
+                                     : score_smem<__half>(dim, 1).total;  // bf16, fp16: same
 }
 
 int device_smem_optin() {
@@ -594,26 +936,47 @@ int device_smem_optin() {
   return bytes;
 }
 
+template <typename T, int KS>
+void launch_scores(const ScoreParams& sp, dim3 grid, int64_t smem, cudaStream_t stream) {
+  check(cudaFuncSetAttribute(score_bins_kernel<T, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)),
+        "score kernel attributes");
+  score_bins_kernel<T, KS><<<grid, kScoreThreads, smem, stream>>>(sp);
+  check_launch("search (score kernel)");
+}
+
+template <typename T, int R>
+void launch_select(const SelectParams& sel, unsigned blocks, int64_t smem, cudaStream_t stream) {
+  if (smem > (48 << 10)) {
+    check(cudaFuncSetAttribute(select_kernel<T, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "select kernel attributes");
+  }
+  select_kernel<T, R><<<blocks, kThreads, smem, stream>>>(sel);
+}
+
 template <typename T>
 void launch_search(const RingView& ring, const float* queries, int64_t num_queries, int64_t k,
                    Metric metric, const SearchPlan& plan, void* workspace, const SearchOutput& out,
                    cudaStream_t stream) {
   const int64_t smem_limit = std::min<int64_t>(device_smem_optin(), kSmemBudget);
-  const int64_t with_bins = score_smem<T>(ring.key_dim, plan.bins, true).total;
-  const bool bins_in_smem = with_bins <= smem_limit;
-  const int64_t smem = bins_in_smem ? with_bins : smem_for_tiles<T>(ring.key_dim);
+  int stages = kMaxStages;
+  while (stages > 1 && score_smem<T>(ring.key_dim, stages).total > smem_limit) --stages;
+  const int64_t smem = score_smem<T>(ring.key_dim, stages).total;
   if (smem > smem_limit) {
     throw InvalidArgument("key_dim: " + std::to_string(ring.key_dim) +
                           " is too large for the CUDA search kernel on this device (" +
                           std::to_string(smem) + " bytes of shared memory, " +
                           std::to_string(smem_limit) + " available)");
   }
-  check(cudaFuncSetAttribute(score_bins_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)),
-        "score kernel attributes");
   const int64_t part_elems = plan.splits * ring.grid * plan.query_chunk * plan.bins;
   float* part_best = static_cast<float*>(workspace);
   int32_t* part_slot = reinterpret_cast<int32_t*>(part_best + part_elems);
+  int32_t* result_slot = part_slot + part_elems;
+  // Exact blocks share the slot tiles by stride, so their count may be capped.
+  const int64_t bin_tiles = std::min<int64_t>((plan.bins + kTileS - 1) / kTileS, 65535);
+  const int64_t per16 = 16 / static_cast<int64_t>(sizeof(T));
+  const int k_steps = static_cast<int>(padded_dim<T>(ring.key_dim) / 16);
 
   for (int64_t q_begin = 0; q_begin < num_queries; q_begin += plan.query_chunk) {
     const int64_t q_count = std::min(plan.query_chunk, num_queries - q_begin);
@@ -631,16 +994,36 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
     sp.q_count = q_count;
     sp.num_bins = plan.num_bins;
     sp.bins = plan.bins;
-    sp.split_len = plan.split_len;
+    sp.bin_tiles = bin_tiles;
+    sp.split_rounds = plan.split_len / plan.bins;
     sp.metric = static_cast<int>(metric);
-    sp.bins_in_smem = bins_in_smem;
+    sp.stages = stages;
+    sp.vec_loads = ring.key_dim % per16 == 0 && reinterpret_cast<uintptr_t>(ring.keys) % 16 == 0;
     sp.part_best = part_best;
     sp.part_slot = part_slot;
     const int64_t q_tiles = (q_count + kTileQ - 1) / kTileQ;
     const dim3 score_grid(static_cast<unsigned>(ring.grid * q_tiles),
-                          static_cast<unsigned>(plan.splits));
-    score_bins_kernel<T><<<score_grid, kThreads, smem, stream>>>(sp);
-    check_launch("search (score kernel)");
+                          static_cast<unsigned>(bin_tiles), static_cast<unsigned>(plan.splits));
+    if constexpr (sizeof(T) == 2) {
+      switch (k_steps) {  // small key_dim: the query fragments stay in registers
+        case 1:
+          launch_scores<T, 1>(sp, score_grid, smem, stream);
+          break;
+        case 2:
+          launch_scores<T, 2>(sp, score_grid, smem, stream);
+          break;
+        case 3:
+          launch_scores<T, 3>(sp, score_grid, smem, stream);
+          break;
+        case 4:
+          launch_scores<T, 4>(sp, score_grid, smem, stream);
+          break;
+        default:
+          launch_scores<T, 0>(sp, score_grid, smem, stream);
+      }
+    } else {
+      launch_scores<T, 0>(sp, score_grid, smem, stream);
+    }
 
     SelectParams sel{};
     sel.keys = ring.keys;
@@ -663,16 +1046,52 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
     sel.metric = static_cast<int>(metric);
     sel.part_best = part_best;
     sel.part_slot = part_slot;
+    sel.result_slot = result_slot;
     sel.out = out;
-    const size_t select_smem = sizeof(float) * kWarps * static_cast<size_t>(ring.key_dim);
-    if (select_smem > (48u << 10)) {
-      check(cudaFuncSetAttribute(select_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(select_smem)),
-            "select kernel attributes");
+    const int64_t select_smem = select_smem_bytes(ring.key_dim);
+    const unsigned select_blocks =
+        static_cast<unsigned>((ring.grid * q_count + kWarps - 1) / kWarps);
+    const int64_t per_lane = (plan.bins + 31) / 32;  // bins each lane holds in registers
+    if (per_lane <= 2) {
+      launch_select<T, 2>(sel, select_blocks, select_smem, stream);
+    } else if (per_lane <= 4) {
+      launch_select<T, 4>(sel, select_blocks, select_smem, stream);
+    } else if (per_lane <= 6) {
+      launch_select<T, 6>(sel, select_blocks, select_smem, stream);
+    } else if (per_lane <= 8) {
+      launch_select<T, 8>(sel, select_blocks, select_smem, stream);
+    } else {
+      launch_select<T, 0>(sel, select_blocks, select_smem, stream);
     }
-    const int64_t select_blocks = (ring.grid * q_count + kWarps - 1) / kWarps;
-    select_kernel<T><<<static_cast<unsigned>(select_blocks), kThreads, select_smem, stream>>>(sel);
     check_launch("search (select kernel)");
+
+    if (out.keys || out.values) {
+      GatherParams gp{};
+      gp.keys = ring.keys;
+      gp.values = ring.values;
+      gp.result_slot = result_slot;
+      gp.capacity = ring.capacity;
+      gp.dim = ring.key_dim;
+      gp.value_dim = ring.value_dim;
+      gp.num_queries = num_queries;
+      gp.q_begin = q_begin;
+      gp.q_count = q_count;
+      gp.k = k;
+      auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+      gp.vec4 = ring.key_dim % 4 == 0 && ring.value_dim % 4 == 0 && aligned(ring.keys) &&
+                aligned(ring.values) && aligned(out.keys) && aligned(out.values);
+      gp.out = out;
+      const int64_t per_row = (out.keys ? ring.key_dim : 0) + (out.values ? ring.value_dim : 0);
+      const int64_t total_rows = ring.grid * q_count * k;
+      const int64_t rows_per_launch = std::max<int64_t>(1, (int64_t{1} << 30) / per_row);
+      for (int64_t r0 = 0; r0 < total_rows; r0 += rows_per_launch) {
+        const int64_t rows = std::min(rows_per_launch, total_rows - r0);
+        const int64_t threads = rows * (gp.vec4 ? per_row / 4 : per_row);
+        gather_kernel<T><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+            gp, r0, static_cast<unsigned>(rows));
+        check_launch("search (gather kernel)");
+      }
+    }
   }
 }
 
@@ -726,20 +1145,25 @@ SearchPlan plan_search(int64_t grid, int64_t capacity, int64_t key_dim, int64_t 
   // Exact search (and bins >= rows held) bins rows by stream offset, < capacity.
   plan.bins = plan.num_bins == 0 ? capacity : std::min(plan.num_bins, capacity);
   plan.query_chunk = std::max<int64_t>(num_queries, 1);
+  // Blocks scan whole rounds of the bins (slots r L .. r L + L - 1); memories
+  // with few query tiles are cut into ranges of rounds so the device fills.
+  const int64_t rounds = (capacity + plan.bins - 1) / plan.bins;
+  const int64_t bin_tiles = (plan.bins + kTileS - 1) / kTileS;
   for (;;) {
     const int64_t q_tiles = (plan.query_chunk + kTileQ - 1) / kTileQ;
-    const int64_t blocks = std::max<int64_t>(1, grid * q_tiles);
+    const int64_t blocks = std::max<int64_t>(1, grid * q_tiles * bin_tiles);
     int64_t splits = 1;
-    if (plan.num_bins != 0) {  // exact mode keeps one bin per slot: one range
+    if (plan.num_bins != 0) {  // exact mode keeps one bin per row: one range
       splits = std::clamp<int64_t>((kTargetBlocks + blocks - 1) / blocks, 1,
-                                   std::max<int64_t>(1, capacity / kMinSplitSlots));
+                                   std::max<int64_t>(1, rounds / kMinSplitRounds));
       splits = std::min<int64_t>(splits, 65535);
     }
-    const int64_t per = (capacity + splits - 1) / splits;
-    plan.split_len = (per + kTileS - 1) / kTileS * kTileS;
-    plan.splits = (capacity + plan.split_len - 1) / plan.split_len;
+    const int64_t per = (rounds + splits - 1) / splits;
+    plan.split_len = per * plan.bins;
+    plan.splits = (rounds + per - 1) / per;
     plan.workspace_bytes =
-        plan.splits * grid * plan.query_chunk * plan.bins * (sizeof(float) + sizeof(int32_t));
+        plan.splits * grid * plan.query_chunk * plan.bins * (sizeof(float) + sizeof(int32_t)) +
+        grid * plan.query_chunk * k * sizeof(int32_t);  // the picks' slots, for the gather
     if (plan.workspace_bytes <= workspace_limit || plan.query_chunk <= kTileQ) break;
     plan.query_chunk =
         std::max<int64_t>(kTileQ, (plan.query_chunk / 2 + kTileQ - 1) / kTileQ * kTileQ);

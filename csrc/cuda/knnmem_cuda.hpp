@@ -69,7 +69,7 @@ struct SearchPlan {
   int64_t num_bins = 0;   // 0 = exact
   int64_t bins = 0;       // bin slots per query in the workspace
   int64_t splits = 1;     // slot ranges per memory, reduced separately then merged
-  int64_t split_len = 0;  // slots per range (a multiple of the slot tile)
+  int64_t split_len = 0;  // slots per range: whole rounds of the bins (a multiple of bins)
   int64_t query_chunk = 0;
   int64_t workspace_bytes = 0;
 };

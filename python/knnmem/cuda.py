@@ -224,11 +224,14 @@ def placement_tensors(device: Any, capacity: int):
     return tables
 
 
-def torch_search(keys, values, written, queries, k: int, recall_target: float, metric: str):
+def torch_search(
+    keys, values, written, queries, k: int, recall_target: float, metric: str, gather: bool = True
+):
     """The CUDA search on CUDA torch tensors in the ring layout (keys float32,
     bfloat16 or float16; values float32; written int64), on torch's current stream.
     Returns (scores, indices, keys, values, mask) shaped [*shape, Q, k, ...]; checks
-    nothing (knnmem.torch checks first)."""
+    nothing (knnmem.torch checks first). gather=False returns None for keys and
+    values and does not copy them (scores, indices and mask only)."""
     import torch
 
     cuda = require("knnmem CUDA search")
@@ -246,18 +249,26 @@ def torch_search(keys, values, written, queries, k: int, recall_target: float, m
     ws_bytes = cuda.search_workspace_bytes(grid, capacity, key_dim, nq, k, recall_target, dtype)
     workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=device)
     dims = (*shape, nq, k)
+    rows = (
+        (
+            torch.empty((*dims, key_dim), dtype=torch.float32, device=device),
+            torch.empty((*dims, value_dim), dtype=torch.float32, device=device),
+        )
+        if gather
+        else (None, None)
+    )
     out = (
         torch.empty(dims, dtype=torch.float32, device=device),
         torch.empty(dims, dtype=torch.int64, device=device),
-        torch.empty((*dims, key_dim), dtype=torch.float32, device=device),
-        torch.empty((*dims, value_dim), dtype=torch.float32, device=device),
+        *rows,
         torch.empty(dims, dtype=torch.bool, device=device),
     )
+    row_ptrs = [0 if a is None else a.data_ptr() for a in rows]
     cuda.search(
         keys.data_ptr(), dtype, values.data_ptr(), written.data_ptr(), offset_of.data_ptr(),
         grid, capacity, key_dim, value_dim, q.data_ptr(), nq, k, recall_target, metric,
-        out[0].data_ptr(), out[1].data_ptr(), out[4].data_ptr(), out[2].data_ptr(),
-        out[3].data_ptr(), workspace.data_ptr(), ws_bytes,
+        out[0].data_ptr(), out[1].data_ptr(), out[4].data_ptr(), *row_ptrs,
+        workspace.data_ptr(), ws_bytes,
         torch.cuda.current_stream(device).cuda_stream, index,
     )  # fmt: skip
     return out

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def transform(source: str) -> str:
-    launch = re.compile(r"([\w:]+(?:<[\w:]+>)?)\s*<<<\s*(.*?)\s*>>>\s*\((.*?)\);", re.S)
+    launch = re.compile(r"([\w:]+(?:<[\w:, ]+>)?)\s*<<<\s*(.*?)\s*>>>\s*\((.*?)\);", re.S)
     source = launch.sub(lambda m: f"::emu::launch({m[1]}, {m[2]}, {m[3]});", source)
     shared = re.compile(r"extern __shared__ __align__\(\d+\) ([\w ]+?) (\w+)\[\];")
     pointer = r"\1* \2 = reinterpret_cast<\1*>(::emu::shared_mem());"
@@ -45,7 +45,7 @@ def build(out: Path) -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     target = out / f"{module}{suffix}"
     cmd = [
-        "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDA_ARCH__=800",
+        "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDA_ARCH__=800", "-DKNNMEM_CUDA_EMU",
         f"-I{HERE / 'include'}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
         str(kernels), str(binding), str(ROOT / "csrc/core/placement.cpp"),

@@ -31,6 +31,17 @@ struct dim3 {
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -46,6 +57,7 @@ struct Ctx {
   std::barrier<>* block_barrier = nullptr;
   std::barrier<>* warp_barrier = nullptr;
   uint64_t* warp_slots = nullptr;  // 32 per warp
+  uint32_t* warp_mma = nullptr;    // 32 x 6 per warp: mma fragments in exchange
 };
 inline thread_local Ctx ctx;
 inline unsigned char* shared_mem() {
@@ -76,6 +88,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
   }
   std::vector<uint64_t> slots(32 * warps);
+  std::vector<uint32_t> mma_slots(32 * 6 * warps);
   std::vector<std::thread> pool;
   // One thread per CUDA thread for the whole launch; blocks run one after another.
   for (unsigned t = 0; t < threads; ++t) {
@@ -86,6 +99,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
       ctx.block_barrier = &block_barrier;
       ctx.warp_barrier = warp_barriers[t / 32].get();
       ctx.warp_slots = slots.data() + 32 * (t / 32);
+      ctx.warp_mma = mma_slots.data() + 32 * 6 * (t / 32);
       for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
           for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -123,6 +137,17 @@ T __shfl_xor_sync(unsigned, T v, int mask) {
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
