@@ -45,7 +45,8 @@ def build(out: Path) -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     target = out / f"{module}{suffix}"
     cmd = [
-        "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDA_ARCH__=800", "-DKNNMEM_CUDA_EMU",
+        "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDA_ARCH__=800",
+        "-DKNNMEM_CUDA_EMU",
         f"-I{HERE / 'include'}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
         str(kernels), str(binding), str(ROOT / "csrc/core/placement.cpp"),
