@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -35,12 +36,10 @@
 namespace knnmem::cuda {
 namespace {
 
-constexpr int kTileQ = 128;         // queries per score block
-constexpr int kTileS = 64;          // keys (bins) per score tile
-constexpr int kScoreThreads = 256;  // score block: 8 warps, 4 x 2 over the 128 x 64 tile
-constexpr int kScoreWarps = kScoreThreads / 32;
-constexpr int kMaxStages = 4;               // key tiles in flight per score block
-constexpr int kThreads = 128;               // select block: 4 warps, one query each
+constexpr int kTileQ = 128;    // queries per score block, at most (query chunks are multiples)
+constexpr int kTileS = 64;     // keys (bins) per score tile
+constexpr int kMaxStages = 4;  // key tiles in flight per score block
+constexpr int kThreads = 128;  // select block: 4 warps, one query each
 constexpr int kWarps = kThreads / 32;       //
 constexpr int64_t kTargetBlocks = 1056;     // ~2 waves of 4 blocks per SM of an H100 (132 SMs)
 constexpr int64_t kMinSplitRounds = 4;      // fewest rounds of the bins a block scans
@@ -99,13 +98,13 @@ struct ScoreSmem {
 };
 
 template <typename T>
-__host__ __device__ ScoreSmem score_smem(int64_t dim, int stages) {
+__host__ __device__ ScoreSmem score_smem(int64_t dim, int stages, int64_t query_tile) {
   ScoreSmem s{};
   s.queries = 0;
   s.key_bytes = align128(kTileS * tile_stride<T>(dim) * sizeof(T));
-  s.keys = s.queries + align128(kTileQ * tile_stride<T>(dim) * sizeof(T));
+  s.keys = s.queries + align128(query_tile * tile_stride<T>(dim) * sizeof(T));
   s.query_sq = s.keys + stages * s.key_bytes;
-  s.key_aux = s.query_sq + align128(kTileQ * sizeof(float));
+  s.key_aux = s.query_sq + align128(query_tile * sizeof(float));
   s.key_bias = s.key_aux + align128(kMaxStages * kTileS * sizeof(float));
   s.key_off = s.key_bias + align128(kMaxStages * kTileS * sizeof(float));
   s.total = s.key_off + align128(kMaxStages * kTileS * sizeof(int32_t));
@@ -357,10 +356,12 @@ __device__ __forceinline__ void tile_product(const T* q_tile, const T* k_tile, i
   }
 }
 
-template <typename T, int KS>
-__global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p) {
+// WM: warps along the queries; a block is 64 WM threads over a 32 WM x 64 tile.
+template <typename T, int KS, int WM>
+__global__ void __launch_bounds__(64 * WM) score_bins_kernel(ScoreParams p) {
+  constexpr int QT = 32 * WM, NT = 64 * WM;
   extern __shared__ __align__(128) unsigned char smem[];
-  const ScoreSmem layout = score_smem<T>(p.dim, p.stages);
+  const ScoreSmem layout = score_smem<T>(p.dim, p.stages, QT);
   T* q_tile = reinterpret_cast<T*>(smem + layout.queries);
   float* q_sq = reinterpret_cast<float*>(smem + layout.query_sq);
   float* k_aux = reinterpret_cast<float*>(smem + layout.key_aux);    // [2][64]
@@ -371,10 +372,10 @@ __global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p
   };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t q_tiles = (p.q_count + kTileQ - 1) / kTileQ;
+  const int64_t q_tiles = (p.q_count + QT - 1) / QT;
   const int64_t g = blockIdx.x / q_tiles;
-  const int64_t q0 = blockIdx.x % q_tiles * kTileQ;
-  const int nq = static_cast<int>(p.q_count - q0 < kTileQ ? p.q_count - q0 : kTileQ);
+  const int64_t q0 = blockIdx.x % q_tiles * QT;
+  const int nq = static_cast<int>(p.q_count - q0 < QT ? p.q_count - q0 : QT);
   const int64_t bt = blockIdx.y, split = blockIdx.z;
   const MemState st =
       mem_state(load_written(p.written, p.written_is_int32, g), p.capacity, p.num_bins);
@@ -383,12 +384,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p
   const bool ip = p.metric == static_cast<int>(Metric::kInnerProduct);
 
   // Key tiles start zeroed: columns past dim stay zero, the loads never write them.
-  for (int64_t i = tid; i < p.stages * layout.key_bytes / 4; i += kScoreThreads) {
+  for (int64_t i = tid; i < p.stages * layout.key_bytes / 4; i += NT) {
     reinterpret_cast<uint32_t*>(smem + layout.keys)[i] = 0;
   }
   // Queries, prepared as the CPU prepares them: |q|^2 of the float32 query,
   // unit length for cosine, then rounded to the key type.
-  for (int r = warp; r < kTileQ; r += kScoreWarps) {
+  for (int r = warp; r < QT; r += NT / 32) {
     const float* src = p.queries + ((g * p.num_queries) + p.q_begin + q0 + r) * p.dim;
     float sq = 0.0f;
     if (r < nq) {
@@ -428,29 +429,35 @@ __global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p
   };
   // Starts the copy of tile `item` into buffer `buf`: keys (zeros for columns
   // that hold no row), and each column's mask bias and stream offset.
+  // A thread copies parts i = tid, tid + NT, ... of the tile's 64 rows (16-byte
+  // chunks, or elements); the (row, part) of each is stepped, not divided.
+  constexpr int per16 = 16 / sizeof(T);
+  const int row_parts = static_cast<int>(p.vec_loads ? p.dim / per16 : p.dim);
+  const int part_width = p.vec_loads ? per16 : 1;
+  const int c_first = tid / row_parts, part_first = tid % row_parts;
+  const int c_step = NT / row_parts, part_step = NT % row_parts;
+  const T* memory_keys = static_cast<const T*>(p.keys) + g * p.capacity * p.dim;
   auto load = [&](int64_t item, int buf) {
     T* dst = key_tile(buf);
-    constexpr int per16 = 16 / sizeof(T);
-    if (p.vec_loads) {
-      const int64_t chunks = p.dim / per16;
-      for (int64_t i = tid; i < kTileS * chunks; i += kScoreThreads) {
-        const int64_t c = i / chunks, part = i % chunks;
-        const int64_t s = slot_of_col(item, c);
-        T* d = dst + c * stride + part * per16;
-        if (c < cols && s < st.end) {
-          copy16_async(d,
-                       static_cast<const T*>(p.keys) + (g * p.capacity + s) * p.dim + part * per16);
+    const int64_t s0 = slot_of_col(item, 0);  // column c holds slot s0 + c
+    for (int c = c_first, part = part_first; c < kTileS;) {
+      const int64_t s = s0 + c;
+      T* d = dst + c * stride + part * part_width;
+      const bool has_row = c < cols && s < st.end;
+      if (p.vec_loads) {
+        if (has_row) {
+          copy16_async(d, memory_keys + s * p.dim + part * per16);
         } else {
           *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
         }
+      } else {
+        *d = has_row ? memory_keys[s * p.dim + part] : Elem<T>::from_float(0.0f);
       }
-    } else {
-      for (int64_t i = tid; i < kTileS * p.dim; i += kScoreThreads) {
-        const int64_t c = i / p.dim, e = i % p.dim;
-        const int64_t s = slot_of_col(item, c);
-        dst[c * stride + e] = c < cols && s < st.end
-                                  ? static_cast<const T*>(p.keys)[(g * p.capacity + s) * p.dim + e]
-                                  : Elem<T>::from_float(0.0f);
+      c += c_step;
+      part += part_step;
+      if (part >= row_parts) {
+        part -= row_parts;
+        ++c;
       }
     }
     copy_commit();
@@ -507,19 +514,20 @@ __global__ void __launch_bounds__(kScoreThreads) score_bins_kernel(ScoreParams p
       copy_commit();
     }
   }
-  for (int64_t n = 0; n < count; ++n) {
+  int buf = 0, ahead_buf = S - 1;
+  for (int64_t n = 0; n < count;
+       ++n, buf = buf + 1 == S ? 0 : buf + 1, ahead_buf = ahead_buf + 1 == S ? 0 : ahead_buf + 1) {
     const int64_t item = first + n * step;
-    const int buf = static_cast<int>(n % S);
     if (n + S - 1 < count) {
-      load(item + (S - 1) * step, static_cast<int>((n + S - 1) % S));
+      load(item + (S - 1) * step, ahead_buf);
     } else {
       copy_commit();
     }
     copy_wait_for(S - 1);
     __syncthreads();  // tile `buf` is in shared memory
     const T* k_tile = key_tile(buf);
-    if (!ip) {  // the norm term of each column, from the key as stored
-      constexpr int per_col = kScoreThreads / kTileS;  // threads per column
+    if (!ip) {                              // the norm term of each column, from the key as stored
+      constexpr int per_col = NT / kTileS;  // threads per column
       const int c = tid / per_col;
       float sq = 0.0f;
       for (int64_t e = tid % per_col; e < p.dim; e += per_col) {
@@ -922,8 +930,8 @@ unsigned blocks_for(int64_t n, int64_t per_block) {
 
 // Shared memory of a score block with one key tile (the least it can run with).
 int64_t tiles_bytes(int64_t dim, KeyDType dtype) {
-  return dtype == KeyDType::kFloat32 ? score_smem<float>(dim, 1).total
-                                     : score_smem<__half>(dim, 1).total;  // bf16, fp16: same
+  return dtype == KeyDType::kFloat32 ? score_smem<float>(dim, 1, 64).total
+                                     : score_smem<__half>(dim, 1, 64).total;  // bf16, fp16
 }
 
 int device_smem_optin() {
@@ -936,13 +944,30 @@ int device_smem_optin() {
   return bytes;
 }
 
-template <typename T, int KS>
+template <typename T, int KS, int WM>
 void launch_scores(const ScoreParams& sp, dim3 grid, int64_t smem, cudaStream_t stream) {
-  check(cudaFuncSetAttribute(score_bins_kernel<T, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem)),
+  check(cudaFuncSetAttribute(score_bins_kernel<T, KS, WM>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
         "score kernel attributes");
-  score_bins_kernel<T, KS><<<grid, kScoreThreads, smem, stream>>>(sp);
+  score_bins_kernel<T, KS, WM><<<grid, 64 * WM, smem, stream>>>(sp);
   check_launch("search (score kernel)");
+}
+
+template <typename T, int KS>
+void launch_scores(int query_tile, const ScoreParams& sp, dim3 grid, int64_t smem,
+                   cudaStream_t stream) {
+  if (query_tile == 128) {
+    launch_scores<T, KS, 4>(sp, grid, smem, stream);
+  } else {
+    launch_scores<T, KS, 2>(sp, grid, smem, stream);
+  }
+}
+
+// Queries per score block: 64 (4 warps), or 128 (8 warps) when
+// KNNMEM_CUDA_QUERY_TILE=128 (a tuning switch for benchmarks).
+int score_query_tile() {
+  const char* env = std::getenv("KNNMEM_CUDA_QUERY_TILE");
+  return env != nullptr && std::string(env) == "128" ? 128 : 64;
 }
 
 template <typename T, int R>
@@ -960,9 +985,12 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
                    Metric metric, const SearchPlan& plan, void* workspace, const SearchOutput& out,
                    cudaStream_t stream) {
   const int64_t smem_limit = std::min<int64_t>(device_smem_optin(), kSmemBudget);
+  const int query_tile = score_query_tile();
   int stages = kMaxStages;
-  while (stages > 1 && score_smem<T>(ring.key_dim, stages).total > smem_limit) --stages;
-  const int64_t smem = score_smem<T>(ring.key_dim, stages).total;
+  while (stages > 1 && score_smem<T>(ring.key_dim, stages, query_tile).total > smem_limit) {
+    --stages;
+  }
+  const int64_t smem = score_smem<T>(ring.key_dim, stages, query_tile).total;
   if (smem > smem_limit) {
     throw InvalidArgument("key_dim: " + std::to_string(ring.key_dim) +
                           " is too large for the CUDA search kernel on this device (" +
@@ -1001,28 +1029,28 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
     sp.vec_loads = ring.key_dim % per16 == 0 && reinterpret_cast<uintptr_t>(ring.keys) % 16 == 0;
     sp.part_best = part_best;
     sp.part_slot = part_slot;
-    const int64_t q_tiles = (q_count + kTileQ - 1) / kTileQ;
+    const int64_t q_tiles = (q_count + query_tile - 1) / query_tile;
     const dim3 score_grid(static_cast<unsigned>(ring.grid * q_tiles),
                           static_cast<unsigned>(bin_tiles), static_cast<unsigned>(plan.splits));
     if constexpr (sizeof(T) == 2) {
       switch (k_steps) {  // small key_dim: the query fragments stay in registers
         case 1:
-          launch_scores<T, 1>(sp, score_grid, smem, stream);
+          launch_scores<T, 1>(query_tile, sp, score_grid, smem, stream);
           break;
         case 2:
-          launch_scores<T, 2>(sp, score_grid, smem, stream);
+          launch_scores<T, 2>(query_tile, sp, score_grid, smem, stream);
           break;
         case 3:
-          launch_scores<T, 3>(sp, score_grid, smem, stream);
+          launch_scores<T, 3>(query_tile, sp, score_grid, smem, stream);
           break;
         case 4:
-          launch_scores<T, 4>(sp, score_grid, smem, stream);
+          launch_scores<T, 4>(query_tile, sp, score_grid, smem, stream);
           break;
         default:
-          launch_scores<T, 0>(sp, score_grid, smem, stream);
+          launch_scores<T, 0>(query_tile, sp, score_grid, smem, stream);
       }
     } else {
-      launch_scores<T, 0>(sp, score_grid, smem, stream);
+      launch_scores<T, 0>(query_tile, sp, score_grid, smem, stream);
     }
 
     SelectParams sel{};
