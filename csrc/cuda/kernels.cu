@@ -3,17 +3,18 @@
 // winners -> gather). See knnmem_cuda.hpp for the contract and docs/cuda.md
 // for the design.
 //
-// Search runs as two kernels on the caller's stream:
-//   1. score_bins: a block per (memory, 64 queries, range of slots). It keeps
-//      the 64 queries in shared memory, walks its slot range in tiles of 64
-//      keys, computes the 64 x 64 score tile (WMMA bf16/fp16 -> fp32, or fp32
-//      FMA), and folds the tile into per-(query, bin) best score and slot,
-//      in shared memory when the bins fit, else in the global workspace.
-//   2. select: a warp per (memory, query) merges the ranges bin by bin,
-//      takes the exact top-k of the bin winners by k rounds of a warp-wide
-//      arg-max, and gathers the keys and values of the winners.
-// Ties: a bin keeps the first (lowest) slot among equal scores because each
-// block scans its slots in ascending order and replaces only on a strictly
+// Search runs as three kernels on the caller's stream:
+//   1. score_bins: a block per (memory, 64 or 128 queries, 64 bins, range of
+//      rounds). Bins are the columns of the product: bin b of round r is slot
+//      r L + b, so each round's 64 keys give every query one score per bin and
+//      the max over rounds stays in the registers of the product
+//      (mma.sync m16n8k16 bf16/fp16 -> fp32, or fp32 FMA); cp.async brings
+//      the key tiles in. Exact searches scatter each row's score to its bin.
+//   2. select: a warp per (memory, query) merges the ranges bin by bin and
+//      takes the exact top-k of the bin winners (64-bit candidate keys).
+//   3. gather: a thread per 4 elements of a result row copies keys and values.
+// Ties: a bin keeps the first (lowest) slot among equal scores because rounds
+// are scanned in ascending order and a bin is replaced only on a strictly
 // greater score, and ranges are merged in ascending order the same way; the
 // final order is (score desc, slot asc). That is the CPU core's rule, so the
 // same rows come back up to the summation order of the dot products.
