@@ -230,6 +230,14 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
     int64_t j = 0;
+    if (format == KeyFormat::kInt8) {  // quantised in the variant's vector width
+      cpu::active_kernel().pack_int8(rows + b0 * m.key_stride, m.key_stride, b1 - b0, dim,
+                                     panels.data(), scale.data(), sum.data());
+      for (; j < b1 - b0; ++j) {
+        const uint32_t* lane = panels.data() + (j - j % kPanelSlots) * words + j % kPanelSlots;
+        aux[j] = norm ? detail::aux_of(metric, detail::stored_int8_sq(lane, dim, scale[j])) : 0.0f;
+      }
+    }
     if (format == KeyFormat::kFloat32 && dim % 4 == 0) {  // four rows at a time
       for (; j + 4 <= b1 - b0; j += 4) {
         float sq[4];

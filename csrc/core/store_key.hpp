@@ -42,6 +42,13 @@ inline float sum_squares(int64_t dim, At at) {
   return sq;
 }
 
+// |key|^2 of an int8 key as stored (levels times scale), its words in a panel
+// from `words` on (lane already applied).
+inline float stored_int8_sq(const uint32_t* words, int64_t dim, float scale) {
+  return sum_squares(
+      dim, [&](int64_t i) { return static_cast<float>(int8_dim(words, kPanelSlots, i)) * scale; });
+}
+
 // Stores `key` in slot `lane` of the panel whose first word is `panel`
 // (kPanelSlots slots of key_words(format, dim) words, dimension-major). int8
 // keys also get their scale and sum. Returns |stored key|^2 -- of the rounded
@@ -63,12 +70,9 @@ inline float store_key(KeyFormat format, const float* key, int64_t dim, void* pa
   }
   uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
   if (format == KeyFormat::kInt8) {
-    float s = 0.0f;
-    *scale = s = quantize_int8(key, dim, *sum,
-                               [&](int64_t w, uint32_t word) { dst[w * kPanelSlots] = word; });
-    if (!norm) return 0.0f;
-    return sum_squares(
-        dim, [&](int64_t i) { return static_cast<float>(int8_dim(dst, kPanelSlots, i)) * s; });
+    *scale = quantize_int8(key, dim, *sum,
+                           [&](int64_t w, uint32_t word) { dst[w * kPanelSlots] = word; });
+    return norm ? stored_int8_sq(dst, dim, *scale) : 0.0f;
   }
   for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
   if (!norm) return 0.0f;

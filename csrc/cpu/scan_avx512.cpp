@@ -15,6 +15,7 @@ struct V : VAvx512 {
 }  // namespace
 }  // namespace knnmem::cpu
 
+#include "cpu/pack_impl.hpp"
 #include "cpu/scan_impl.hpp"
 #include "cpu/select_impl.hpp"
 
@@ -27,6 +28,10 @@ uint32_t kth_key_avx512(const uint32_t* key, int64_t n, int64_t want, uint32_t l
 }
 void rank_avx512(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank) {
   select_rank(key, slot, m, rank);
+}
+void pack_int8_avx512(const float* rows, int64_t stride, int64_t n, int64_t dim, uint32_t* panels,
+                      float* scale, int32_t* sum) {
+  pack_int8_rows(rows, stride, n, dim, panels, scale, sum);
 }
 
 }  // namespace knnmem::cpu

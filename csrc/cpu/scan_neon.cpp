@@ -1,6 +1,7 @@
 // NEON variant for aarch64, base ISA (Advanced SIMD); see v_neon.hpp. int8
 // keys use widening multiplies here, sdot in scan_neon_dotprod.cpp.
 #include "cpu/kernels.hpp"
+#include "cpu/pack_impl.hpp"
 #include "cpu/scan_impl.hpp"
 #include "cpu/select_impl.hpp"
 #include "cpu/v_neon.hpp"
@@ -14,6 +15,10 @@ uint32_t kth_key_neon(const uint32_t* key, int64_t n, int64_t want, uint32_t lo,
 }
 void rank_neon(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank) {
   select_rank(key, slot, m, rank);
+}
+void pack_int8_neon(const float* rows, int64_t stride, int64_t n, int64_t dim, uint32_t* panels,
+                    float* scale, int32_t* sum) {
+  pack_int8_rows(rows, stride, n, dim, panels, scale, sum);
 }
 
 }  // namespace knnmem::cpu
