@@ -1,9 +1,10 @@
-// The int8 row pack of the row-layout search, compiled once per SIMD variant:
-// quantize_int8 (core/quantize.hpp) is written in blocks of 16 independent
-// lanes, which the variant's compiler flags turn into its vector width. Its
-// only product (x * inv) has two uses (the rounding add and copysign), so it
-// is never fused into an FMA: every variant writes the words, scales and sums
-// that store_key (baseline ISA) writes, bit for bit.
+// The int8 row pack of the row-layout search, per SIMD variant. This generic
+// version (portable, AVX2, NEON) runs quantize_int8 (core/quantize.hpp) with
+// the variant's flags; GCC vectorises it only partly, so AVX-512 has its own
+// intrinsics (scan_avx512.cpp). The product x * inv has two uses (the rounding
+// add and copysign), so it is never fused into an FMA: every variant writes the
+// words, scales and sums that store_key (baseline ISA) writes, bit for bit
+// (tests/test_kernels.py::test_int8_row_pack_matches_memory).
 #pragma once
 
 #include <cstdint>
