@@ -175,18 +175,21 @@ def test_bins_keep_the_first_of_equal_scores(kernel, dtype, variant, k, target) 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("d", [3, 16, 59, 128])
-def test_int8_row_pack_matches_memory(kernel, variant, metric, d) -> None:
-    """knnmem.ops with precision="int8" quantises its rows in the variant's vector
-    width (cpu/pack_impl.hpp); Memory(dtype="int8") stores them with the baseline
-    store_key. Same words, scales, sums and norms, so the same scores, bit for bit."""
+def test_row_pack_matches_memory(kernel, variant, dtype, metric, d) -> None:
+    """knnmem.ops with a precision converts its rows with the variant's pack
+    (cpu/pack_impl.hpp; AVX-512 intrinsics for int8 and bfloat16); Memory(dtype)
+    stores them with the baseline store_key. Same words, scales, sums and norms, so
+    the same scores, bit for bit -- denormal rows included."""
     kernel(variant)
     rng = np.random.default_rng(d)
     shape, capacity = (2,), 700
     keys, values, written = knnmem.ops.init(shape, capacity, d, 2)
-    mem = knnmem.Memory(shape, capacity, d, 2, metric=metric, dtype="int8")
+    mem = knnmem.Memory(shape, capacity, d, 2, metric=metric, dtype=dtype)
     rows = rng.standard_normal((*shape, 900, d)) * rng.uniform(0.1, 10, (*shape, 900, 1))
+    rows[:, ::50] *= 1e-39  # denormal floats: rounded to bfloat16 as the scalar code does
     rows = rows.astype(np.float32)
     vals = rng.standard_normal((*shape, 900, 2)).astype(np.float32)
     knnmem.ops.add(keys, values, written, rows, vals)
@@ -195,7 +198,7 @@ def test_int8_row_pack_matches_memory(kernel, variant, metric, d) -> None:
     for target in (0.9, 1.0):
         a = mem.search(q, k=16, recall_target=target)
         b = knnmem.ops.search(
-            keys, values, written, q, k=16, recall_target=target, metric=metric, precision="int8"
+            keys, values, written, q, k=16, recall_target=target, metric=metric, precision=dtype
         )
         np.testing.assert_array_equal(a.scores, b.scores)
         np.testing.assert_array_equal(a.indices, b.indices)

@@ -230,12 +230,15 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
     int64_t j = 0;
-    if (format == KeyFormat::kInt8) {  // quantised in the variant's vector width
-      cpu::active_kernel().pack_int8(rows + b0 * m.key_stride, m.key_stride, b1 - b0, dim,
+    if (format != KeyFormat::kFloat32) {  // converted by the variant (cpu/pack_impl.hpp)
+      cpu::active_kernel().pack_keys(format, rows + b0 * m.key_stride, m.key_stride, b1 - b0, dim,
                                      panels.data(), scale.data(), sum.data());
       for (; j < b1 - b0; ++j) {
-        const uint32_t* lane = panels.data() + (j - j % kPanelSlots) * words + j % kPanelSlots;
-        aux[j] = norm ? detail::aux_of(metric, detail::stored_int8_sq(lane, dim, scale[j])) : 0.0f;
+        const float sq =
+            norm ? detail::stored_sq(format, panels.data() + (j - j % kPanelSlots) * words,
+                                     j % kPanelSlots, dim, scale[j])
+                 : 0.0f;
+        aux[j] = detail::aux_of(metric, sq);
       }
     }
     if (format == KeyFormat::kFloat32 && dim % 4 == 0) {  // four rows at a time

@@ -42,41 +42,53 @@ inline float sum_squares(int64_t dim, At at) {
   return sq;
 }
 
-// |key|^2 of an int8 key as stored (levels times scale), its words in a panel
-// from `words` on (lane already applied).
-inline float stored_int8_sq(const uint32_t* words, int64_t dim, float scale) {
-  return sum_squares(
-      dim, [&](int64_t i) { return static_cast<float>(int8_dim(words, kPanelSlots, i)) * scale; });
+// |key|^2 of the key in slot `lane` of a panel as stored (rounded for
+// bfloat16 and float16, levels times `scale` for int8): what gets scored.
+inline float stored_sq(KeyFormat format, const void* panel, int64_t lane, int64_t dim,
+                       float scale) {
+  switch (format) {
+    case KeyFormat::kFloat32: {
+      const float* k = static_cast<const float*>(panel) + lane;
+      return sum_squares(dim, [&](int64_t i) { return k[i * kPanelSlots]; });
+    }
+    case KeyFormat::kFloat16: {
+      const uint16_t* k = static_cast<const uint16_t*>(panel) + lane;
+      return sum_squares(dim, [&](int64_t i) { return from_f16(k[i * kPanelSlots]); });
+    }
+    case KeyFormat::kInt8: {
+      const uint32_t* k = static_cast<const uint32_t*>(panel) + lane;
+      return sum_squares(
+          dim, [&](int64_t i) { return static_cast<float>(int8_dim(k, kPanelSlots, i)) * scale; });
+    }
+    default: {
+      const uint32_t* k = static_cast<const uint32_t*>(panel) + lane;
+      return sum_squares(dim, [&](int64_t i) { return from_bf16(bf16_dim(k, kPanelSlots, i)); });
+    }
+  }
 }
 
 // Stores `key` in slot `lane` of the panel whose first word is `panel`
 // (kPanelSlots slots of key_words(format, dim) words, dimension-major). int8
-// keys also get their scale and sum. Returns |stored key|^2 -- of the rounded
-// key for bfloat16, float16 and int8, which is what gets scored -- when `norm` is set,
-// else 0.
+// keys also get their scale and sum. Returns |stored key|^2 (stored_sq) when
+// `norm` is set, else 0.
 inline float store_key(KeyFormat format, const float* key, int64_t dim, void* panel, int64_t lane,
                        float* scale, int32_t* sum, bool norm) {
   if (format == KeyFormat::kFloat32) {
     float* dst = static_cast<float*>(panel) + lane;
     for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = key[d];
-    return norm ? sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f;
-  }
-  if (format == KeyFormat::kFloat16) {  // [dim rounded up to even][16] halves
+  } else if (format == KeyFormat::kFloat16) {  // [dim rounded up to even][16] halves
     uint16_t* dst = static_cast<uint16_t*>(panel) + lane;
     for (int64_t d = 0; d < dim; ++d) dst[d * kPanelSlots] = to_f16(key[d]);
     if (dim % 2) dst[dim * kPanelSlots] = 0;
-    if (!norm) return 0.0f;
-    return sum_squares(dim, [&](int64_t i) { return from_f16(dst[i * kPanelSlots]); });
-  }
-  uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
-  if (format == KeyFormat::kInt8) {
+  } else if (format == KeyFormat::kInt8) {
+    uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
     *scale = quantize_int8(key, dim, *sum,
                            [&](int64_t w, uint32_t word) { dst[w * kPanelSlots] = word; });
-    return norm ? stored_int8_sq(dst, dim, *scale) : 0.0f;
+  } else {
+    uint32_t* dst = static_cast<uint32_t*>(panel) + lane;
+    for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
   }
-  for (int64_t i = 0; i < (dim + 1) / 2; ++i) dst[i * kPanelSlots] = bf16_pair(key, dim, i);
-  if (!norm) return 0.0f;
-  return sum_squares(dim, [&](int64_t i) { return from_bf16(bf16_dim(dst, kPanelSlots, i)); });
+  return norm ? stored_sq(format, panel, lane, dim, scale ? *scale : 0.0f) : 0.0f;
 }
 
 // Four float32 keys, rows `stride` floats apart, into slots lane .. lane + 3

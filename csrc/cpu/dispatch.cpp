@@ -22,15 +22,15 @@ namespace {
 // Best first. The x86 variants exist only in x86-64 builds (CMakeLists.txt).
 const Kernel kKernels[] = {
 #ifdef KNNMEM_X86_KERNELS
-    {"avx512_vnni_bf16", scan_avx512dl, kth_key_avx512, rank_avx512, pack_int8_avx512},
-    {"avx512", scan_avx512, kth_key_avx512, rank_avx512, pack_int8_avx512},
-    {"avx2", scan_avx2, kth_key_avx2, rank_avx2, pack_int8_avx2},
+    {"avx512_vnni_bf16", scan_avx512dl, kth_key_avx512, rank_avx512, pack_keys_avx512},
+    {"avx512", scan_avx512, kth_key_avx512, rank_avx512, pack_keys_avx512},
+    {"avx2", scan_avx2, kth_key_avx2, rank_avx2, pack_keys_avx2},
 #endif
 #ifdef KNNMEM_NEON_KERNELS
-    {"neon_dotprod", scan_neon_dotprod, kth_key_neon, rank_neon, pack_int8_neon},
-    {"neon", scan_neon, kth_key_neon, rank_neon, pack_int8_neon},
+    {"neon_dotprod", scan_neon_dotprod, kth_key_neon, rank_neon, pack_keys_neon},
+    {"neon", scan_neon, kth_key_neon, rank_neon, pack_keys_neon},
 #endif
-    {"portable", scan_portable, kth_key_portable, rank_portable, pack_int8_portable},
+    {"portable", scan_portable, kth_key_portable, rank_portable, pack_keys_portable},
 };
 
 bool cpu_supports(const std::string& name) {

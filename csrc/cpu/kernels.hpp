@@ -93,18 +93,18 @@ using ScanFn = void (*)(const ScanArgs&);
 using KthKeyFn = uint32_t (*)(const uint32_t* key, int64_t n, int64_t want, uint32_t lo,
                               uint32_t hi);
 using RankFn = void (*)(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank);
-// Quantises n float32 rows (`stride` floats apart) into int8 panels exactly as
-// store_key does, row j into lane j % kPanelSlots of panel j / kPanelSlots,
-// with scale[j] and sum[j] (cpu/pack_impl.hpp).
-using PackInt8Fn = void (*)(const float* rows, int64_t stride, int64_t n, int64_t dim,
-                            uint32_t* panels, float* scale, int32_t* sum);
+// Stores n float32 rows (`stride` floats apart) into panels of a 16-bit or
+// int8 format exactly as store_key does (words, and int8 scales and sums),
+// row j into lane j % kPanelSlots of panel j / kPanelSlots (cpu/pack_impl.hpp).
+using PackKeysFn = void (*)(KeyFormat format, const float* rows, int64_t stride, int64_t n,
+                            int64_t dim, uint32_t* panels, float* scale, int32_t* sum);
 
 struct Kernel {
   const char* name;
   ScanFn scan;
   KthKeyFn kth_key;
   RankFn rank;
-  PackInt8Fn pack_int8;
+  PackKeysFn pack_keys;
 };
 
 // The variant in use: KNNMEM_KERNEL if set (and supported), else the best
@@ -134,10 +134,13 @@ void rank_portable(const uint32_t*, const int32_t*, int64_t, int32_t*);
 void rank_avx2(const uint32_t*, const int32_t*, int64_t, int32_t*);
 void rank_avx512(const uint32_t*, const int32_t*, int64_t, int32_t*);
 void rank_neon(const uint32_t*, const int32_t*, int64_t, int32_t*);
-// Their int8 row packs (cpu/pack_impl.hpp), shared the same way.
-void pack_int8_portable(const float*, int64_t, int64_t, int64_t, uint32_t*, float*, int32_t*);
-void pack_int8_avx2(const float*, int64_t, int64_t, int64_t, uint32_t*, float*, int32_t*);
-void pack_int8_avx512(const float*, int64_t, int64_t, int64_t, uint32_t*, float*, int32_t*);
-void pack_int8_neon(const float*, int64_t, int64_t, int64_t, uint32_t*, float*, int32_t*);
-
+// Their row packs (cpu/pack_impl.hpp), shared the same way.
+void pack_keys_portable(KeyFormat, const float*, int64_t, int64_t, int64_t, uint32_t*, float*,
+                        int32_t*);
+void pack_keys_avx2(KeyFormat, const float*, int64_t, int64_t, int64_t, uint32_t*, float*,
+                    int32_t*);
+void pack_keys_avx512(KeyFormat, const float*, int64_t, int64_t, int64_t, uint32_t*, float*,
+                      int32_t*);
+void pack_keys_neon(KeyFormat, const float*, int64_t, int64_t, int64_t, uint32_t*, float*,
+                    int32_t*);
 }  // namespace knnmem::cpu

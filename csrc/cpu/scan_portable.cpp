@@ -114,9 +114,9 @@ uint32_t kth_key_portable(const uint32_t* key, int64_t n, int64_t want, uint32_t
 void rank_portable(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank) {
   select_rank(key, slot, m, rank);
 }
-void pack_int8_portable(const float* rows, int64_t stride, int64_t n, int64_t dim, uint32_t* panels,
-                        float* scale, int32_t* sum) {
-  pack_int8_rows(rows, stride, n, dim, panels, scale, sum);
+void pack_keys_portable(KeyFormat format, const float* rows, int64_t stride, int64_t n, int64_t dim,
+                        uint32_t* panels, float* scale, int32_t* sum) {
+  pack_rows(format, rows, stride, n, dim, panels, scale, sum);
 }
 
 }  // namespace knnmem::cpu
