@@ -1,9 +1,9 @@
 // The row pack of the row-layout search, per SIMD variant: float32 rows into
-// panels of the format scored in. This generic version (portable, AVX2, NEON)
-// is store_key row by row; AVX-512 converts bfloat16 and int8 rows with its own
-// intrinsics (scan_avx512.cpp), operation for operation as store_key does, so
-// every variant writes the same words, scales and sums, bit for bit
-// (tests/test_kernels.py::test_row_pack_matches_memory).
+// panels of the format scored in. This generic version (portable, NEON) is
+// store_key row by row; AVX2 and AVX-512 convert bfloat16 and int8 rows with
+// their own intrinsics (scan_avx2.cpp, scan_avx512.cpp), operation for
+// operation as store_key does, so every variant writes the same words, scales
+// and sums, bit for bit (tests/test_kernels.py::test_row_pack_matches_memory).
 #pragma once
 
 #include <cstdint>
