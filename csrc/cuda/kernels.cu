@@ -21,7 +21,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
+#if defined(KNNMEM_CUDA_EMU)
+#include <mma.h>  // tests/cuda_emu: emu::mma_16816
+#endif
 
 #include <algorithm>
 #include <climits>

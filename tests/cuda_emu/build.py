@@ -1,9 +1,10 @@
 """Builds knnmem._cuda for the CPU emulation of CUDA (tests/cuda_emu/include).
 
 The kernels of csrc/cuda/kernels.cu and the module of bindings/cuda.cpp are compiled
-by the host C++ compiler against fake CUDA headers: a block is 128 std::threads with
-barriers for __syncthreads / __syncwarp / shuffles, WMMA is a reference 16x16x16
-product that checks the alignment rules, device memory is host memory. Kernel
+by the host C++ compiler against fake CUDA headers: a block's threads are std::threads
+with barriers for __syncthreads / __syncwarp / shuffles, mma.sync.m16n8k16 is computed
+from the fragments the warp's lanes publish (PTX ISA layout), cp.async copies at once,
+device memory is host memory. Kernel
 launches (<<<...>>>) are rewritten into emu::launch calls; nothing else changes.
 It checks the kernels' logic (indexing, bins, ties, synchronisation between threads),
 not their speed or the real tensor cores.
