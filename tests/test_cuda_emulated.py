@@ -4,10 +4,11 @@ csrc/cuda/kernels.cu and bindings/cuda.cpp are compiled by the host C++ compiler
 against fake CUDA headers (a block's threads are real threads with barriers for
 __syncthreads, __syncwarp and shuffles; mma.sync is computed from the fragments the
 lanes publish; cp.async copies at once; device memory is host memory) into a
-stand-in for knnmem._cuda, and knnmem.Memory(device="cuda") runs on it. That checks the kernels' logic - indexing,
-bins, ties, the exact fallback, the thread synchronisation - on any machine; not their
-speed, the real tensor cores or the CUDA runtime (tests/test_cuda.py does, on a GPU).
-Small sizes: the emulation runs about a million times slower than a GPU.
+stand-in for knnmem._cuda, and knnmem.Memory(device="cuda") runs on it. That checks
+the kernels' logic - indexing, bins, ties, the exact fallback, the thread
+synchronisation - on any machine; not their speed, the real tensor cores or the CUDA
+runtime (tests/test_cuda.py does, on a GPU). Small sizes: the emulation runs about a
+million times slower than a GPU.
 """
 
 from __future__ import annotations
