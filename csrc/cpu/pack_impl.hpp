@@ -25,5 +25,27 @@ inline void pack_rows(KeyFormat format, const float* rows, int64_t stride, int64
   }
 }
 
+// pack_rows with a variant's own row converters for int8 and bfloat16:
+// int8_row(x, dim, lane_words, &scale, &sum) and bf16_row(x, dim, lane_words)
+// write one row's words kPanelSlots apart from lane_words.
+template <class Int8Row, class BF16Row>
+inline void pack_rows_with(KeyFormat format, const float* rows, int64_t stride, int64_t n,
+                           int64_t dim, uint32_t* panels, float* scale, int32_t* sum,
+                           Int8Row int8_row, BF16Row bf16_row) {
+  if (format != KeyFormat::kInt8 && format != KeyFormat::kBFloat16) {
+    pack_rows(format, rows, stride, n, dim, panels, scale, sum);
+    return;
+  }
+  const int64_t words = key_words(format, dim);
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t* dst = panels + (j - j % kPanelSlots) * words + j % kPanelSlots;
+    if (format == KeyFormat::kInt8) {
+      int8_row(rows + j * stride, dim, dst, scale + j, sum + j);
+    } else {
+      bf16_row(rows + j * stride, dim, dst);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace knnmem::cpu

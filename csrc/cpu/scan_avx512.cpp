@@ -86,19 +86,7 @@ void pack_bf16_row(const float* x, int64_t dim, uint32_t* dst) {
 
 void pack_keys_avx512(KeyFormat format, const float* rows, int64_t stride, int64_t n, int64_t dim,
                       uint32_t* panels, float* scale, int32_t* sum) {
-  if (format != KeyFormat::kInt8 && format != KeyFormat::kBFloat16) {
-    pack_rows(format, rows, stride, n, dim, panels, scale, sum);
-    return;
-  }
-  const int64_t words = key_words(format, dim);
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t* dst = panels + (j - j % kPanelSlots) * words + j % kPanelSlots;
-    if (format == KeyFormat::kInt8) {
-      pack_int8_row(rows + j * stride, dim, dst, scale + j, sum + j);
-    } else {
-      pack_bf16_row(rows + j * stride, dim, dst);
-    }
-  }
+  pack_rows_with(format, rows, stride, n, dim, panels, scale, sum, pack_int8_row, pack_bf16_row);
 }
 
 }  // namespace knnmem::cpu
