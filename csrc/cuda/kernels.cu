@@ -819,15 +819,9 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
 // --- gather ------------------------------------------------------------------------
 // A thread per 4 elements of a result row (key, widened to float32, or value):
 // out row o = (g, query, j) copies slot result_slot[g][query][j] of memory g,
-// zeros where there is none. Results [row_begin, row_begin + rows) of the chunk.
-struct GatherParams {
-  const void* keys;
-  const float* values;
-  const int32_t* result_slot;  // [G][q_count][k]
-  int64_t capacity, dim, value_dim, num_queries, q_begin, q_count, k;
-  bool vec4;  // dims multiples of 4, 16-byte aligned rows: 4 elements per load and store
-  SearchOutput out;
-};
+// zeros where there is none; the select kernel's parameters, read after it.
+// Results [row_begin, row_begin + rows) of the chunk. vec4: dims multiples of 4
+// and 16-byte aligned rows, 4 elements per load and store.
 
 template <typename T>
 __device__ __forceinline__ void load4(const T* src, float (&v)[4]) {
@@ -846,9 +840,9 @@ __device__ __forceinline__ void load4(const T* src, float (&v)[4]) {
 }
 
 template <typename T>
-__global__ void gather_kernel(GatherParams p, int64_t row_begin, unsigned rows) {
-  const unsigned key_parts = static_cast<unsigned>(p.vec4 ? p.dim / 4 : p.dim);
-  const unsigned value_parts = static_cast<unsigned>(p.vec4 ? p.value_dim / 4 : p.value_dim);
+__global__ void gather_kernel(SelectParams p, bool vec4, int64_t row_begin, unsigned rows) {
+  const unsigned key_parts = static_cast<unsigned>(vec4 ? p.dim / 4 : p.dim);
+  const unsigned value_parts = static_cast<unsigned>(vec4 ? p.value_dim / 4 : p.value_dim);
   const unsigned per_row = (p.out.keys ? key_parts : 0u) + (p.out.values ? value_parts : 0u);
   const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
   if (per_row == 0 || i >= rows * per_row) return;
@@ -861,19 +855,19 @@ __global__ void gather_kernel(GatherParams p, int64_t row_begin, unsigned rows) 
   const int64_t o = (g * p.num_queries + p.q_begin) * p.k + rest;  // output row
   const bool key_part = p.out.keys && part < key_parts;
   if (!key_part && p.out.keys) part -= key_parts;
-  const int width = p.vec4 ? 4 : 1;
+  const int width = vec4 ? 4 : 1;
   float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (key_part) {
     const T* src = static_cast<const T*>(p.keys) + (g * p.capacity + s) * p.dim + part * width;
     if (s >= 0) {
-      if (p.vec4) {
+      if (vec4) {
         load4<T>(src, v);
       } else {
         v[0] = Elem<T>::to_float(*src);
       }
     }
     float* dst = p.out.keys + o * p.dim + part * width;
-    if (p.vec4) {
+    if (vec4) {
       *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
     } else {
       *dst = v[0];
@@ -881,14 +875,14 @@ __global__ void gather_kernel(GatherParams p, int64_t row_begin, unsigned rows) 
   } else {
     const float* src = p.values + (g * p.capacity + s) * p.value_dim + part * width;
     if (s >= 0) {
-      if (p.vec4) {
+      if (vec4) {
         load4<float>(src, v);
       } else {
         v[0] = *src;
       }
     }
     float* dst = p.out.values + o * p.value_dim + part * width;
-    if (p.vec4) {
+    if (vec4) {
       *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
     } else {
       *dst = v[0];
@@ -1098,29 +1092,17 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
     check_launch("search (select kernel)");
 
     if (out.keys || out.values) {
-      GatherParams gp{};
-      gp.keys = ring.keys;
-      gp.values = ring.values;
-      gp.result_slot = result_slot;
-      gp.capacity = ring.capacity;
-      gp.dim = ring.key_dim;
-      gp.value_dim = ring.value_dim;
-      gp.num_queries = num_queries;
-      gp.q_begin = q_begin;
-      gp.q_count = q_count;
-      gp.k = k;
       auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-      gp.vec4 = ring.key_dim % 4 == 0 && ring.value_dim % 4 == 0 && aligned(ring.keys) &&
-                aligned(ring.values) && aligned(out.keys) && aligned(out.values);
-      gp.out = out;
+      const bool vec4 = ring.key_dim % 4 == 0 && ring.value_dim % 4 == 0 && aligned(ring.keys) &&
+                        aligned(ring.values) && aligned(out.keys) && aligned(out.values);
       const int64_t per_row = (out.keys ? ring.key_dim : 0) + (out.values ? ring.value_dim : 0);
       const int64_t total_rows = ring.grid * q_count * k;
       const int64_t rows_per_launch = std::max<int64_t>(1, (int64_t{1} << 30) / per_row);
       for (int64_t r0 = 0; r0 < total_rows; r0 += rows_per_launch) {
         const int64_t rows = std::min(rows_per_launch, total_rows - r0);
-        const int64_t threads = rows * (gp.vec4 ? per_row / 4 : per_row);
+        const int64_t threads = rows * (vec4 ? per_row / 4 : per_row);
         gather_kernel<T><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-            gp, r0, static_cast<unsigned>(rows));
+            sel, vec4, r0, static_cast<unsigned>(rows));
         check_launch("search (gather kernel)");
       }
     }
