@@ -175,7 +175,7 @@ def test_bins_keep_the_first_of_equal_scores(kernel, dtype, variant, k, target) 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("d", [3, 16, 59, 128])
 def test_row_pack_matches_memory(kernel, variant, dtype, metric, d) -> None:

@@ -229,32 +229,13 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   const bool norm = metric != Metric::kInnerProduct;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);
-    int64_t j = 0;
-    if (format != KeyFormat::kFloat32) {  // converted by the variant (cpu/pack_impl.hpp)
-      cpu::active_kernel().pack_keys(format, rows + b0 * m.key_stride, m.key_stride, b1 - b0, dim,
-                                     panels.data(), scale.data(), sum.data());
-      for (; j < b1 - b0; ++j) {
-        const float sq =
-            norm ? detail::stored_sq(format, panels.data() + (j - j % kPanelSlots) * words,
-                                     j % kPanelSlots, dim, scale[j])
-                 : 0.0f;
-        aux[j] = detail::aux_of(metric, sq);
-      }
-    }
-    if (format == KeyFormat::kFloat32 && dim % 4 == 0) {  // four rows at a time
-      for (; j + 4 <= b1 - b0; j += 4) {
-        float sq[4];
-        detail::store_keys4_f32(
-            rows + (b0 + j) * m.key_stride, m.key_stride, dim,
-            reinterpret_cast<float*>(panels.data()) + (j - j % kPanelSlots) * dim, j % kPanelSlots,
-            norm, sq);
-        for (int64_t r = 0; r < 4; ++r) aux[j + r] = detail::aux_of(metric, sq[r]);
-      }
-    }
-    for (; j < b1 - b0; ++j) {
-      const float sq = detail::store_key(format, rows + (b0 + j) * m.key_stride, dim,
-                                         panels.data() + (j - j % kPanelSlots) * words,
-                                         j % kPanelSlots, scale.data() + j, sum.data() + j, norm);
+    cpu::active_kernel().pack_keys(format, rows + b0 * m.key_stride, m.key_stride, b1 - b0, dim,
+                                   panels.data(), scale.data(), sum.data());
+    for (int64_t j = 0; j < b1 - b0; ++j) {
+      const float sq =
+          norm ? detail::stored_sq(format, panels.data() + (j - j % kPanelSlots) * words,
+                                   j % kPanelSlots, dim, scale[j])
+               : 0.0f;
       aux[j] = detail::aux_of(metric, sq);
     }
     args.panels = panels.data();

@@ -92,15 +92,10 @@ inline float store_key(KeyFormat format, const float* key, int64_t dim, void* pa
 }
 
 // Four float32 keys, rows `stride` floats apart, into slots lane .. lane + 3
-// of a panel: what four store_key calls write and return (sq[r], with `norm`),
-// a 4 x 4 transpose at a time (dim and lane multiples of 4). The search of
-// row-layout keys packs with it.
+// of a panel: what four store_key calls write, a 4 x 4 transpose at a time (dim
+// and lane multiples of 4). The row packs of the search use it (cpu/pack_impl.hpp).
 inline void store_keys4_f32(const float* rows, int64_t stride, int64_t dim, float* panel,
-                            int64_t lane, bool norm, float* sq) {
-  for (int64_t r = 0; r < 4; ++r) {  // store_key's float32 rule, row by row
-    const float* key = rows + r * stride;
-    sq[r] = norm ? sum_squares(dim, [&](int64_t i) { return key[i]; }) : 0.0f;
-  }
+                            int64_t lane) {
   float* dst = panel + lane;
 #if defined(__SSE2__)
   for (int64_t i = 0; i < dim; i += 4) {

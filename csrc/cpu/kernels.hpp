@@ -93,8 +93,8 @@ using ScanFn = void (*)(const ScanArgs&);
 using KthKeyFn = uint32_t (*)(const uint32_t* key, int64_t n, int64_t want, uint32_t lo,
                               uint32_t hi);
 using RankFn = void (*)(const uint32_t* key, const int32_t* slot, int64_t m, int32_t* rank);
-// Stores n float32 rows (`stride` floats apart) into panels of a 16-bit or
-// int8 format exactly as store_key does (words, and int8 scales and sums),
+// Stores n float32 rows (`stride` floats apart) into panels of a key format
+// exactly as store_key does (words, and int8 scales and sums),
 // row j into lane j % kPanelSlots of panel j / kPanelSlots (cpu/pack_impl.hpp).
 using PackKeysFn = void (*)(KeyFormat format, const float* rows, int64_t stride, int64_t n,
                             int64_t dim, uint32_t* panels, float* scale, int32_t* sum);
