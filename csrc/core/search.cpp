@@ -367,6 +367,35 @@ void prefetch_value(const Plan& p, int64_t g, int64_t slot) {
   for (int64_t b = 0; b < m.value_dim * 4; b += 64) __builtin_prefetch(row + b);
 }
 
+// Brings a memory's value rows towards the caches while its queries' results
+// are being selected, a slice per query, so that the copy after the selection
+// reads them from the caches rather than from memory (the scan never touches
+// values; waiting for them row by row took ~15% of a search of many small
+// memories, M2). Only where the hits are dense enough -- at least one per
+// kDenseHitRows live rows -- for the whole block to be worth reading.
+constexpr int64_t kDenseHitRows = 4;
+class ValuePrefetch {
+ public:
+  ValuePrefetch(const Plan& p, int64_t g, int64_t num_queries, int64_t rows) {
+    const MemoryView& m = *p.m;
+    if (!p.out->values || p.hit_slots || num_queries * p.opt->k * kDenseHitRows < rows) return;
+    begin_ = reinterpret_cast<const char*>(m.values + g * m.capacity * m.value_stride);
+    bytes_ = rows * m.value_stride * 4;
+    per_query_ = (bytes_ / num_queries + 63) / 64 * 64;
+  }
+
+  // The slice of query q (of the num_queries of the constructor).
+  void step(int64_t q) const {
+    const int64_t end = std::min(bytes_, (q + 1) * per_query_);
+    for (int64_t b = q * per_query_; b < end; b += 64) __builtin_prefetch(begin_ + b, 0, 2);
+  }
+
+ private:
+  const char* begin_ = nullptr;
+  int64_t bytes_ = 0;
+  int64_t per_query_ = 0;
+};
+
 // The stored key and the value of a hit into result row o.
 void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
   const MemoryView& m = *p.m;
@@ -544,9 +573,11 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   const int64_t nq = q1 - q0;
   std::vector<Candidate> best(static_cast<std::size_t>(nq * k));
   std::vector<int64_t> found(static_cast<std::size_t>(nq), 0);
+  const ValuePrefetch values(p, g, nq, scan_range(p.m->capacity, p.m->written[g]).end);
   if (live > 0 && L > 0) {
     BinSelect bins(L);
     for (int64_t q = 0; q < nq; ++q) {
+      values.step(q);
       const int64_t filled = bins.merge(parts, nparts, q + shift);
       if (filled < owed) return false;
       found[q] = std::min(k, filled);
@@ -555,6 +586,7 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   } else if (live > 0) {
     std::vector<Candidate> c;
     for (int64_t q = 0; q < nq; ++q) {
+      values.step(q);
       c.clear();
       for (int64_t s = 0; s < nparts; ++s) {
         const cpu::TopKBuffers& t = parts[s].topk;
