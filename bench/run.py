@@ -437,10 +437,12 @@ class Rates:
 
     sgemm_gflops: list[float] = field(default_factory=list)
     copy_gbps: list[float] = field(default_factory=list)
+    read_gbps: list[float] = field(default_factory=list)
 
     def measure(self) -> None:
         self.sgemm_gflops.append(sgemm_gflops())
         self.copy_gbps.append(copy_gbps())
+        self.read_gbps.append(read_gbps())
 
     def apply(self, row: Row, wl: Workload) -> None:
         row.compute_limit_ms = 1e3 * wl.step_flops / (max(self.sgemm_gflops) * 1e9)
@@ -461,6 +463,21 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def best_seconds(whole: Any, parts: list[Any], run: Any, repeats: int) -> float:
+    """Best time of run(*whole) on one thread and of run(*part) for every part at once,
+    one part per core (numpy releases the GIL in both operations timed here)."""
+    best = math.inf
+    with ThreadPoolExecutor(len(parts)) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(*whole)
+            best = min(best, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: run(*p), parts))
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def copy_gbps(mib: int = 512, repeats: int = 4) -> float:
     """Best memory bandwidth of copying a float32 array of `mib` MiB with np.copyto, on
     one thread and split over all cores, counting the bytes read and written, in GB/s."""
@@ -469,16 +486,18 @@ def copy_gbps(mib: int = 512, repeats: int = 4) -> float:
     np.copyto(dst, src)  # page faults out of the timing
     bounds = np.linspace(0, src.size, cpu_count() + 1).astype(np.int64)
     parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    best = math.inf
-    with ThreadPoolExecutor(len(parts)) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            np.copyto(dst, src)
-            best = min(best, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            list(pool.map(lambda p: np.copyto(*p), parts))
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * src.nbytes / best / 1e9
+    return 2.0 * src.nbytes / best_seconds((dst, src), parts, np.copyto, repeats) / 1e9
+
+
+def read_gbps(mib: int = 512, repeats: int = 4) -> float:
+    """Best rate of reading a float32 array of `mib` MiB with np.max (a SIMD reduction
+    that reads every byte once and writes nothing), as copy_gbps, in GB/s. A search
+    of M4 only reads its keys: this is its ceiling on machines whose read rate is well
+    under the read + write rate of a copy (reported beside the limit, not used in it)."""
+    src = np.ones((mib << 20) // 4, np.float32)
+    bounds = np.linspace(0, src.size, cpu_count() + 1).astype(np.int64)
+    parts = [(src[a:b],) for a, b in zip(bounds[:-1], bounds[1:])]
+    return src.nbytes / best_seconds((src,), parts, np.max, repeats) / 1e9
 
 
 # -- machine and report ----------------------------------------------------------------------
@@ -539,6 +558,7 @@ def print_rates(rates: Rates) -> None:
     for label, values, unit in (
         ("numpy sgemm 2048^3 fp32", rates.sgemm_gflops, "GFLOP/s"),
         ("numpy copy 512 MiB (read+write)", rates.copy_gbps, "GB/s"),
+        ("numpy max 512 MiB (read only, not in the limits)", rates.read_gbps, "GB/s"),
     ):
         print(
             f"{label}: best {max(values):.1f} {unit} (worst {min(values):.1f}) over "
@@ -557,15 +577,19 @@ def print_recall_sample(rows: list[Row]) -> None:
             print(f"{name}: recall@k from only {n} queries; raise --steps to tighten it")
 
 
-def print_limits(rows: list[Row]) -> None:
+def print_limits(rows: list[Row], rates: Rates) -> None:
     seen: set[str] = set()
     for r in rows:
         if r.workload in seen or r.key_bytes != 4.0:
             continue
         seen.add(r.workload)
+        read = ""
+        if r.limit_kind == "bandwidth" and rates.read_gbps:
+            read_ms = r.bandwidth_limit_ms * max(rates.copy_gbps) / max(rates.read_gbps)
+            read = f" (reading the keys at the read-only rate: {read_ms:.3f} ms/step)"
         print(
             f"limit {r.workload}: compute {r.compute_limit_ms:.3f} ms/step, memory bandwidth "
-            f"{r.bandwidth_limit_ms:.3f} ms/step (f32 keys) -> {r.limit_kind}-bound"
+            f"{r.bandwidth_limit_ms:.3f} ms/step (f32 keys) -> {r.limit_kind}-bound{read}"
         )
 
 
@@ -763,7 +787,7 @@ theirs can exceed 100%."""
 def print_report(res: Results, steps: int) -> None:
     print()
     print_rates(res.rates)
-    print_limits(res.rows + res.scaling)
+    print_limits(res.rows + res.scaling, res.rates)
     print()
     if res.rows:
         print(format_table(res.rows))
@@ -782,6 +806,7 @@ def write_json(path: str, args: argparse.Namespace, info: dict[str, Any], res: R
         "machine": info,
         "sgemm_gflops": max(res.rates.sgemm_gflops),
         "copy_gbps": max(res.rates.copy_gbps),
+        "read_gbps": max(res.rates.read_gbps),
         "rates": asdict(res.rates),
         "workloads": {n: asdict(WORKLOADS[n]) for n in args.workloads},
         "results": [r.summary() for r in res.rows],
