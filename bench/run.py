@@ -41,7 +41,10 @@ bandwidth = the keys a brute-force step reads (G*n*d * bytes per key element) at
 rate of a 512 MiB numpy copy (read + write bytes). "% limit" = the larger of the two
 limit times / step time; the table says which one binds (bandwidth for M4, Q=1;
 compute for the others). Timings on a noisy machine: compare ratios within one run,
-and check step_ms in --json.
+and check step_ms in --json. Each timed step starts SETTLE_S after the last one: the
+BLAS thread pools of numpy, faiss and torch spin on their cores for up to ~0.1 s after
+a call returns (OpenBLAS's thread timeout), and a step started inside that window ran
+~40% slower (knnmem M2 measured 59 -> 85 ms right after a numpy matmul).
 """
 
 from __future__ import annotations
@@ -367,10 +370,15 @@ def build_and_tune(
     bar.close()
 
 
+SETTLE_S = 0.2  # idle time before each timed step (module docstring)
+
+
 def timed_step(
     method: Method, keys: np.ndarray, values: np.ndarray, queries: np.ndarray
 ) -> tuple[float, float, Any]:
-    """Seconds to add the segment and to search the queries, and the raw result."""
+    """Seconds to add the segment and to search the queries, and the raw result; the
+    step starts once the other methods' spinning threads have gone to sleep."""
+    time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     method.add(keys, values)
     t1 = time.perf_counter()
