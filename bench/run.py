@@ -40,11 +40,13 @@ compute = 2*Q*n*d*G flops at the fp32 rate of a 2048^3 numpy sgemm; memory
 bandwidth = the keys a brute-force step reads (G*n*d * bytes per key element) at the
 rate of a 512 MiB numpy copy (read + write bytes). "% limit" = the larger of the two
 limit times / step time; the table says which one binds (bandwidth for M4, Q=1;
-compute for the others). Timings on a noisy machine: compare ratios within one run,
-and check step_ms in --json. Each timed step starts SETTLE_S after the last one: the
-BLAS thread pools of numpy, faiss and torch spin on their cores for up to ~0.1 s after
-a call returns (OpenBLAS's thread timeout), and a step started inside that window ran
-~40% slower (knnmem M2 measured 59 -> 85 ms right after a numpy matmul).
+compute for the others). The read-only rate of np.max over 512 MiB is printed beside
+a bandwidth limit (a search only reads its keys), not used in "% limit".
+Timings on a noisy machine: compare ratios within one run, and check step_ms in
+--json. Each timed step starts SETTLE_S after the last one: the BLAS thread pools of
+numpy, faiss and torch spin on their cores for up to ~0.1 s after a call returns
+(OpenBLAS's thread timeout), and a step started inside that window ran ~40% slower
+(knnmem M2 measured 59 -> 85 ms right after a numpy matmul).
 """
 
 from __future__ import annotations
