@@ -372,16 +372,22 @@ void prefetch_value(const Plan& p, int64_t g, int64_t slot) {
 // reads them from the caches rather than from memory (the scan never touches
 // values; waiting for them row by row took ~15% of a search of many small
 // memories, M2). Only where the hits are dense enough -- at least one per
-// kDenseHitRows live rows -- for the whole block to be worth reading.
+// kDenseHitRows live rows -- for the whole block to be worth reading, and the
+// block small enough (kMaxPrefetchBytes) to still be cached when it is copied.
 constexpr int64_t kDenseHitRows = 4;
+constexpr int64_t kMaxPrefetchBytes = 4ll << 20;
 class ValuePrefetch {
  public:
   ValuePrefetch(const Plan& p, int64_t g, int64_t num_queries, int64_t rows) {
     const MemoryView& m = *p.m;
-    if (!p.out->values || p.hit_slots || num_queries * p.opt->k * kDenseHitRows < rows) return;
+    const int64_t bytes = rows * m.value_stride * 4;
+    if (!p.out->values || p.hit_slots || num_queries * p.opt->k * kDenseHitRows < rows ||
+        bytes > kMaxPrefetchBytes) {
+      return;
+    }
     begin_ = reinterpret_cast<const char*>(m.values + g * m.capacity * m.value_stride);
-    bytes_ = rows * m.value_stride * 4;
-    per_query_ = (bytes_ / num_queries + 63) / 64 * 64;
+    bytes_ = bytes;
+    per_query_ = (bytes / num_queries + 63) / 64 * 64;
   }
 
   // The slice of query q (of the num_queries of the constructor).
