@@ -117,16 +117,16 @@ struct Scan {
   }
 
   // A single query reads each key once, so its scan waits on memory: there
-  // every line of the tile's panels is asked for `ahead` panels before use
-  // (the hardware prefetcher alone left ~20% of the read bandwidth unused on
-  // M4). With more queries the keys come from L2 and this compiles away.
-  template <int R, class T>
-  static void prefetch_ahead(const T* line, int64_t ahead) {
-    if constexpr (R == 1) __builtin_prefetch(line + ahead, 0, 2);
+  // every line of the tile's panels is asked for `ahead` bytes (whole panels)
+  // before use (the hardware prefetcher alone left ~20% of the read bandwidth
+  // unused on M4). With more queries the keys come from L2 and this compiles away.
+  template <int R>
+  static void prefetch_ahead(const void* line, int64_t ahead) {
+    if constexpr (R == 1) __builtin_prefetch(static_cast<const char*>(line) + ahead, 0, 2);
   }
 
   // acc[r][c] = <query q0 + r, keys of the vector of slots from s + c * step>.
-  // `ahead`: panels from each of them to the ones prefetch_ahead asks for.
+  // `ahead`: bytes from each of them to the lines prefetch_ahead asks for.
   template <KeyFormat KF, int R, int C>
   void accumulate(int64_t q0, int64_t s, int64_t step, int64_t ahead, F (&acc)[R][C]) const {
     if constexpr (KF == KeyFormat::kFloat32) {
@@ -134,7 +134,6 @@ struct Scan {
       const float* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<float>(s + c * step, dim);
       const float* qp = a.queries + q0 * a.q_stride;
-      ahead *= dim * kPanel;
       for (int64_t i = 0; i < dim; ++i) {
         F kv[C];
         for (int c = 0; c < C; ++c) prefetch_ahead<R>(kp[c] + i * kPanel, ahead);
@@ -149,7 +148,6 @@ struct Scan {
       const int64_t rows = (a.dim + 1) / 2;
       const uint32_t* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * step, rows);
-      ahead *= rows * kPanel;
       if constexpr (V::kNativeBF16) {  // one dot-product instruction per pair
         const uint32_t* qw = a.query_words + q0 * rows;
         for (int64_t i = 0; i < rows; ++i) {
@@ -183,7 +181,6 @@ struct Scan {
       const uint16_t* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<uint16_t>(s + c * step, 2 * ((dim + 1) / 2));
       const float* qp = a.queries + q0 * a.q_stride;
-      ahead *= 2 * ((dim + 1) / 2) * kPanel;
       for (int64_t i = 0; i < dim; ++i) {
         F kv[C];
         if (i % 2 == 0) {  // a line holds two dims' halves
@@ -204,7 +201,6 @@ struct Scan {
       for (int r = 0; r < R; ++r) {
         for (int c = 0; c < C; ++c) sums[r][c] = V::izero();
       }
-      ahead *= rows * kPanel;
       for (int64_t i = 0; i < rows; ++i) {
         typename V::I kv[C];
         for (int c = 0; c < C; ++c) prefetch_ahead<R>(kp[c] + i * kPanel, ahead);
@@ -247,8 +243,8 @@ struct Scan {
       for (int c = 0; c < C; ++c) acc[r][c] = V::zero();
     }
     // The next tile: a panel on in each strided vector, C W slots on in contiguous ones.
-    const int64_t ahead = kStrided ? 1 : std::max<int64_t>(1, C * W / kPanel);
-    accumulate<KF, R, C>(q0, s, step, ahead, acc);
+    const int64_t ahead_panels = kStrided ? 1 : std::max<int64_t>(1, C * W / kPanel);
+    accumulate<KF, R, C>(q0, s, step, ahead_panels * a.key_words * kPanel * 4, acc);
     F best[R];
     typename V::I best_slots[R];
     for (int c = 0; c < C; ++c) {
