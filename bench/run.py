@@ -473,6 +473,12 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def per_core(n: int) -> list[slice]:
+    """[0, n) in one contiguous slice per core."""
+    bounds = np.linspace(0, n, cpu_count() + 1).astype(np.int64)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def best_seconds(whole: Any, parts: list[Any], run: Any, repeats: int) -> float:
     """Best time of run(*whole) on one thread and of run(*part) for every part at once,
     one part per core (numpy releases the GIL in both operations timed here)."""
@@ -494,8 +500,7 @@ def copy_gbps(mib: int = 512, repeats: int = 4) -> float:
     src = np.ones((mib << 20) // 4, np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # page faults out of the timing
-    bounds = np.linspace(0, src.size, cpu_count() + 1).astype(np.int64)
-    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [(dst[p], src[p]) for p in per_core(src.size)]
     return 2.0 * src.nbytes / best_seconds((dst, src), parts, np.copyto, repeats) / 1e9
 
 
@@ -505,8 +510,7 @@ def read_gbps(mib: int = 512, repeats: int = 4) -> float:
     of M4 only reads its keys: this is its ceiling on machines whose read rate is well
     under the read + write rate of a copy (reported beside the limit, not used in it)."""
     src = np.ones((mib << 20) // 4, np.float32)
-    bounds = np.linspace(0, src.size, cpu_count() + 1).astype(np.int64)
-    parts = [(src[a:b],) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [(src[p],) for p in per_core(src.size)]
     return src.nbytes / best_seconds((src,), parts, np.max, repeats) / 1e9
 
 
