@@ -1,9 +1,10 @@
 // pybind11 boundary of the knnmem core (module knnmem._core).
 //
-// Every check of user input happens here, before the core runs and before
-// anything is changed: shapes, dtypes, layout, finiteness. Messages name the
-// public argument, what was expected and what came. The GIL is released while
-// the core works.
+// The Python side's checks of user input happen here, before the core runs
+// and before anything is changed: shapes, dtypes, layout, finiteness. Messages
+// name the public argument, what was expected and what came. (The core checks
+// again what it reads from buffers another thread may change: the counters of
+// caller-owned rings.) The GIL is released while the core works.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,15 +13,18 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "gil.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace py = pybind11;
 using knnmem::InvalidArgument;
+using knnmem_bindings::without_gil;
 
 namespace {
 
@@ -59,22 +63,18 @@ void check_float32(const py::array& a, const char* name) {
   }
 }
 
-// Throws naming the first NaN/Inf element, or with a `limit` the first of
-// magnitude above it (`what` says why). Runs without the GIL.
-void check_finite(const float* data, const py::array& a, const char* name,
-                  float limit = std::numeric_limits<float>::max(), const char* what = nullptr) {
-  const int64_t n = static_cast<int64_t>(a.size());
-  int64_t bad = -1;
-  {
-    py::gil_scoped_release release;
-    for (int64_t i = 0; i < n; ++i) {
-      if (!(std::fabs(data[i]) <= limit)) {  // also NaN
-        bad = i;
-        break;
-      }
-    }
+// Index of the first of n values that is NaN, infinite or of magnitude above
+// `limit`, or -1.
+int64_t first_bad(const float* data, int64_t n, float limit) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(std::fabs(data[i]) <= limit)) return i;  // also NaN
   }
-  if (bad < 0) return;
+  return -1;
+}
+
+// Throws naming element `bad` of `a` (`what` says what was expected of it).
+[[noreturn]] void throw_bad_value(const float* data, int64_t bad, const py::array& a,
+                                  const char* name, const char* what) {
   std::vector<int64_t> index(static_cast<std::size_t>(a.ndim()));
   int64_t rest = bad;
   for (py::ssize_t d = a.ndim() - 1; d >= 0; --d) {
@@ -89,11 +89,50 @@ void check_finite(const float* data, const py::array& a, const char* name,
   throw InvalidArgument(s.str());
 }
 
+// Throws naming the first NaN/Inf element. Scans without the GIL.
+void check_finite(const float* data, const py::array& a, const char* name) {
+  const int64_t n = static_cast<int64_t>(a.size());
+  const float limit = std::numeric_limits<float>::max();
+  const int64_t bad = without_gil([&] { return first_bad(data, n, limit); });
+  if (bad >= 0) throw_bad_value(data, bad, a, name, nullptr);
+}
+
+// The largest float32 that rounds to a finite bfloat16 (round to nearest even:
+// from 0x7F7F8000 on, values round up to infinity).
+float bf16_limit() {
+  const uint32_t bits = 0x7F7F7FFFu;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The largest float32 whose int8 quantisation (scale = amax / 127, key =
+// scale * 127) stays finite: one step below FLT_MAX.
+float int8_limit() { return std::nextafter(std::numeric_limits<float>::max(), 0.0f); }
+
+// A private copy of a float32 input, made without the GIL and checked as it is
+// made (finite, and within `limit` where the key format needs it): another
+// thread writing the caller's buffer meanwhile cannot get unchecked values
+// stored, since the core reads only the copy.
+std::unique_ptr<float[]> staged_copy(const float* data, const py::array& a, const char* name,
+                                     float limit = std::numeric_limits<float>::max(),
+                                     const char* what = nullptr) {
+  const auto n = static_cast<std::size_t>(a.size());
+  std::unique_ptr<float[]> copy(new float[n > 0 ? n : 1]);
+  const int64_t bad = without_gil([&] {
+    std::memcpy(copy.get(), data, n * sizeof(float));
+    return first_bad(copy.get(), static_cast<int64_t>(n), limit);
+  });
+  if (bad >= 0) throw_bad_value(copy.get(), bad, a, name, what);
+  return copy;
+}
+
 // A [*grid, rows, cols] input: the leading dimensions hold the grid's cells
 // (the caller's grid shape), so messages can use the caller's coordinates.
 int64_t rows_of(const py::array& a) { return a.ndim() >= 3 ? a.shape(a.ndim() - 2) : -1; }
 
-const float* checked_input(const py::array& a, const char* name, int64_t grid, int64_t rows,
+// Checks dtype, layout and shape of a [*grid, rows, cols] input (rows < 0: any).
+const float* checked_shape(const py::array& a, const char* name, int64_t grid, int64_t rows,
                            int64_t cols, const std::string& what) {
   check_float32(a, name);
   int64_t cells = 1;
@@ -102,7 +141,14 @@ const float* checked_input(const py::array& a, const char* name, int64_t grid, i
       a.shape(a.ndim() - 1) != cols) {
     throw InvalidArgument(std::string(name) + ": expected shape " + what + ", got " + shape_str(a));
   }
-  const float* data = static_cast<const float*>(a.data());
+  return static_cast<const float*>(a.data());
+}
+
+// checked_shape, then every value finite (checked in place: for queries, which
+// the core only reads; a value changed meanwhile changes scores, never addresses).
+const float* checked_input(const py::array& a, const char* name, int64_t grid, int64_t rows,
+                           int64_t cols, const std::string& what) {
+  const float* data = checked_shape(a, name, grid, rows, cols, what);
   check_finite(data, a, name);
   return data;
 }
@@ -181,10 +227,7 @@ py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64
       static_cast<float*>(scores.mutable_data()), static_cast<int64_t*>(indices.mutable_data()),
       static_cast<bool*>(mask.mutable_data()), static_cast<float*>(keys.mutable_data()),
       static_cast<float*>(values.mutable_data())};
-  {
-    py::gil_scoped_release release;
-    run(out);
-  }
+  without_gil([&] { run(out); });
   return py::make_tuple(scores, indices, keys, values, mask);
 }
 
@@ -301,17 +344,28 @@ PYBIND11_MODULE(_core, m) {
             const int64_t G = self.grid();
             const int64_t T = rows_of(keys);
             const float* k =
-                checked_input(keys, "keys", G, T, self.key_dim(),
+                checked_shape(keys, "keys", G, T, self.key_dim(),
                               dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
-            const float* v = checked_input(
+            const float* v = checked_shape(
                 values, "values", G, T, self.value_dim(),
                 dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
-            if (self.key_format() == knnmem::KeyFormat::kFloat16) {
-              check_finite(k, keys, "keys", 65504.0f, "values within +-65504 for float16 keys");
-            }
+            // Keys must stay finite in the stored format (save -> load round-trips
+            // exactly what add accepted).
+            const knnmem::KeyFormat f = self.key_format();
+            const auto staged_keys =
+                f == knnmem::KeyFormat::kFloat16
+                    ? staged_copy(k, keys, "keys", 65504.0f,
+                                  "values within +-65504 for float16 keys")
+                : f == knnmem::KeyFormat::kBFloat16
+                    ? staged_copy(k, keys, "keys", bf16_limit(),
+                                  "values within +-3.3961773e+38 for bfloat16 keys")
+                : f == knnmem::KeyFormat::kInt8
+                    ? staged_copy(k, keys, "keys", int8_limit(),
+                                  "values within +-3.4028233e+38 for int8 keys")
+                    : staged_copy(k, keys, "keys");
+            const auto staged_values = staged_copy(v, values, "values");
             check_room(self.written().data(), G, T, "keys");
-            py::gil_scoped_release release;
-            self.add(k, v, T);
+            without_gil([&] { self.add(staged_keys.get(), staged_values.get(), T); });
           },
           py::arg("keys"), py::arg("values"))
       .def(
@@ -362,10 +416,7 @@ PYBIND11_MODULE(_core, m) {
                out.key_scale = static_cast<float*>(s.mutable_data());
                scale = s;
              }
-             {
-               py::gil_scoped_release release;
-               self.export_state(out);
-             }
+             without_gil([&] { self.export_state(out); });
              return py::make_tuple(keys, scale, values, written);
            })
       .def(
@@ -410,8 +461,7 @@ PYBIND11_MODULE(_core, m) {
               throw InvalidArgument("key_scale: expected None for " +
                                     std::string(knnmem::key_format_name(f)) + " keys");
             }
-            py::gil_scoped_release release;
-            self.import_state(in);
+            without_gil([&] { self.import_state(in); });
           },
           py::arg("keys"), py::arg("key_scale"), py::arg("values"), py::arg("written"));
 
@@ -447,14 +497,15 @@ PYBIND11_MODULE(_core, m) {
         const knnmem::MutableMemoryView& view = ring.view;
         const int64_t T = rows_of(new_keys);
         const float* nk =
-            checked_input(new_keys, "new_keys", view.grid, T, view.key_dim,
+            checked_shape(new_keys, "new_keys", view.grid, T, view.key_dim,
                           dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
-        const float* nv = checked_input(
+        const float* nv = checked_shape(
             new_values, "new_values", view.grid, T, view.value_dim,
             dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
+        const auto staged_keys = staged_copy(nk, new_keys, "new_keys");
+        const auto staged_values = staged_copy(nv, new_values, "new_values");
         check_room(view.written, view.grid, T, "written");
-        py::gil_scoped_release release;
-        knnmem::add(view, nk, nv, T);
+        without_gil([&] { knnmem::add(view, staged_keys.get(), staged_values.get(), T); });
       },
       py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("new_keys"),
       py::arg("new_values"), "Append rows to a caller-owned ring, in place.");

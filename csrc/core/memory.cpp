@@ -1,11 +1,13 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
 #include <shared_mutex>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -79,6 +81,18 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
          int64_t num_rows) {
   KNNMEM_ASSERT(num_rows >= 0 && m.placement && m.placement->capacity() == m.capacity);
   if (num_rows == 0 || m.grid == 0) return;
+  // The counters are read once (a caller-owned ring may be changed by another
+  // thread meanwhile): every slot written below derives from this snapshot,
+  // and the new counts are stored from it, not re-read.
+  std::vector<int64_t> written(m.written, m.written + m.grid);
+  for (int64_t g = 0; g < m.grid; ++g) {
+    if (written[g] < 0 || written[g] > INT64_MAX - num_rows) {
+      throw InvalidArgument("written: expected counts in [0, " +
+                            std::to_string(INT64_MAX - num_rows) + "] to add " +
+                            std::to_string(num_rows) + " rows, got " + std::to_string(written[g]) +
+                            " at index [" + std::to_string(g) + "]");
+    }
+  }
   // Only the last `capacity` rows of the segment survive; they map to
   // distinct slots, so chunks of them can be written in parallel.
   const int64_t first = std::max<int64_t>(0, num_rows - m.capacity);
@@ -89,9 +103,9 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
     const int64_t g = static_cast<int64_t>(i) / chunks;
     const int64_t t0 = first + (static_cast<int64_t>(i) % chunks) * kAddChunk;
     const int64_t t1 = std::min(num_rows, t0 + kAddChunk);
-    const int64_t written = m.written[g];
+    const int64_t base = written[g];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t slot = slot_of[(written + t) % m.capacity];
+      const int64_t slot = slot_of[(base + t) % m.capacity];
       const float* key = new_keys + (g * num_rows + t) * m.key_dim;
       float stored_sq;
       if (m.key_layout == KeyLayout::kRows) {
@@ -112,7 +126,7 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
       if (m.key_aux) m.key_aux[g * padded + slot] = detail::aux_of(m.aux_metric, stored_sq);
     }
   });
-  for (int64_t g = 0; g < m.grid; ++g) m.written[g] += num_rows;
+  for (int64_t g = 0; g < m.grid; ++g) m.written[g] = written[g] + num_rows;
 }
 
 Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric,
@@ -138,7 +152,8 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
   const int64_t key_bytes = checked_bytes(grid, padded, key_words(key_format, key_dim), "keys");
   const int64_t value_bytes = checked_bytes(grid, capacity, value_dim, "values");
   const int64_t aux_bytes = checked_bytes(grid, padded, 1, "norms");
-  placement_ = Placement::shared(capacity);
+  // Storage first, then the placement table (8 bytes a slot, shared): a memory
+  // that cannot be allocated leaves nothing behind.
   try {
     keys_ = alloc_zeroed(key_bytes, "keys");
     values_ = alloc_zeroed(value_bytes, "values");
@@ -147,11 +162,18 @@ Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_di
       key_scale_ = alloc_zeroed(aux_bytes, "key scales");
       key_sum_ = reinterpret_cast<int32_t*>(alloc_zeroed(aux_bytes, "key sums"));
     }
+    try {
+      placement_ = Placement::shared(capacity);
+    } catch (const std::bad_alloc&) {
+      throw AllocationError("placement: cannot allocate " + std::to_string(8 * capacity) +
+                            " bytes");
+    }
   } catch (...) {
     free_aligned(static_cast<float*>(keys_));
     free_aligned(values_);
     free_aligned(key_aux_);
     free_aligned(key_scale_);
+    free_aligned(reinterpret_cast<float*>(key_sum_));
     throw;
   }
   written_.assign(static_cast<std::size_t>(grid), 0);

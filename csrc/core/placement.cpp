@@ -1,10 +1,13 @@
 #include <algorithm>
 #include <climits>
+#include <list>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 
 #include "core/assert.hpp"
+#include "core/fork.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace knnmem {
@@ -17,7 +20,24 @@ uint64_t splitmix64(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
+struct PlacementCache {
+  std::mutex mutex;
+  std::map<int64_t, std::weak_ptr<const Placement>> shared;
+  std::list<std::shared_ptr<const Placement>> kept;  // most recent first
+  std::size_t kept_bytes = 0;
+};
+
+PlacementCache& placement_cache() {
+  static PlacementCache* const cache = new PlacementCache;  // never destroyed
+  return *cache;
+}
+
 }  // namespace
+
+namespace detail {
+void placements_before_fork() { placement_cache().mutex.lock(); }
+void placements_after_fork() { placement_cache().mutex.unlock(); }
+}  // namespace detail
 
 Placement::Placement(int64_t capacity) {
   if (capacity < 1 || capacity > INT32_MAX) {
@@ -40,19 +60,50 @@ Placement::Placement(int64_t capacity) {
 }
 
 std::shared_ptr<const Placement> Placement::shared(int64_t capacity) {
-  // A process uses few capacities; the cache is bounded all the same.
-  constexpr std::size_t kMaxCached = 16;
-  static std::mutex mutex;
-  static std::map<int64_t, std::shared_ptr<const Placement>> cache;
+  // Every placement in use is shared through a weak reference; besides those,
+  // the most recently asked-for ones are kept alive while they take at most
+  // kKeepBytes, so caller-owned rings (which ask on every call) do not rebuild
+  // theirs, and deleted memories give their tables back beyond that bound.
+  constexpr std::size_t kKeepBytes = std::size_t{128} << 20;
+  PlacementCache* const cache = &placement_cache();
+  auto bytes_of = [](const Placement& p) {
+    return 2 * sizeof(int32_t) * static_cast<std::size_t>(p.capacity());
+  };
+  auto keep = [&](const std::shared_ptr<const Placement>& p) {  // under the mutex
+    for (auto it = cache->kept.begin(); it != cache->kept.end(); ++it) {
+      if (*it == p) {
+        cache->kept.splice(cache->kept.begin(), cache->kept, it);
+        return;
+      }
+    }
+    if (bytes_of(*p) > kKeepBytes) return;
+    cache->kept.push_front(p);
+    cache->kept_bytes += bytes_of(*p);
+    while (cache->kept_bytes > kKeepBytes) {
+      cache->kept_bytes -= bytes_of(*cache->kept.back());
+      cache->kept.pop_back();
+    }
+  };
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = cache.find(capacity);
-    if (it != cache.end()) return it->second;
+    std::lock_guard<std::mutex> lock(cache->mutex);
+    auto it = cache->shared.find(capacity);
+    if (it != cache->shared.end()) {
+      if (auto p = it->second.lock()) {
+        keep(p);
+        return p;
+      }
+    }
   }
-  auto built = std::make_shared<const Placement>(capacity);
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() >= kMaxCached) cache.erase(cache.begin());
-  return cache.emplace(capacity, built).first->second;
+  auto built = std::make_shared<const Placement>(capacity);  // outside the lock: O(capacity)
+  std::lock_guard<std::mutex> lock(cache->mutex);
+  for (auto it = cache->shared.begin(); it != cache->shared.end();) {  // forget expired ones
+    it = it->second.expired() ? cache->shared.erase(it) : std::next(it);
+  }
+  auto& slot = cache->shared[capacity];
+  if (auto p = slot.lock()) built = p;  // another thread built it meanwhile
+  slot = built;
+  keep(built);
+  return built;
 }
 
 int64_t position_of_slot(const Placement& placement, int64_t written, int64_t slot) {

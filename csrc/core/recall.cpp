@@ -72,10 +72,18 @@ int64_t bins_for_recall(int64_t k, double recall_target) {
     throw InvalidArgument("recall_target: expected a number in (0, 1], got " +
                           std::to_string(recall_target));
   }
-  if (recall_target >= 1.0) return 0;
+  if (recall_target >= 1.0 || k > kMaxBins) return 0;
   if (expected_recall(k, k) >= recall_target) return k;
-  // r(L) >= 1 - (k - 1) / (2L), so this upper bound always meets the target.
-  int64_t hi = static_cast<int64_t>(std::ceil((k - 1) / (2.0 * (1.0 - recall_target)))) + k;
+  // r(L) >= 1 - (k - 1) / (2L), so this upper bound always meets the target. It is
+  // computed in double and capped at kMaxBins before any integer sees it: a target
+  // within 1e-16 of 1 asks for ~1e19 bins, which would overflow int64.
+  const double bound = std::ceil((k - 1) / (2.0 * (1.0 - recall_target))) + static_cast<double>(k);
+  int64_t hi = kMaxBins;
+  if (bound < static_cast<double>(kMaxBins)) {
+    hi = static_cast<int64_t>(bound);
+  } else if (expected_recall(kMaxBins, k) < recall_target) {
+    return 0;  // more bins than any memory has slots: only exact search meets it
+  }
   int64_t lo = k;  // r(lo) < target <= r(hi); r is increasing in L
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;

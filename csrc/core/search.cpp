@@ -36,7 +36,7 @@ constexpr int64_t kMaxQueryChunk = 192;
 constexpr int64_t kFinishPiece = 48;
 constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-layout keys
 constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
-constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of exact-mode buffers per task
+constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of a task's bin or top-k buffers
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Row-layout keys are packed into panels by every task that scans them, so a
 // task takes many more queries there: the packing is paid once per slot range.
@@ -700,6 +700,9 @@ void find_results(Plan& p) {
   });
 }
 
+void search_snapshot(const MemoryView& memory, const float* queries, int64_t num_queries,
+                     const SearchOptions& options, const SearchOutput& out);
+
 }  // namespace
 
 void search(const MemoryView& memory, const float* queries, int64_t num_queries,
@@ -708,6 +711,26 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
     throw InvalidArgument("k: expected an integer in [1, capacity=" +
                           std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
   }
+  // A caller-owned ring may be changed by another thread during the call. Its
+  // counters are read once, here: every slot range, mask and stream position
+  // below comes from this snapshot, so a concurrent add or clear can make the
+  // result stale or mix rows of two steps, but never send a read out of bounds.
+  std::vector<int64_t> written(memory.written, memory.written + memory.grid);
+  for (int64_t g = 0; g < memory.grid; ++g) {
+    if (written[g] < 0) {
+      throw InvalidArgument("written: expected counts >= 0, got " + std::to_string(written[g]) +
+                            " at index [" + std::to_string(g) + "]");
+    }
+  }
+  MemoryView snapshot = memory;
+  snapshot.written = written.data();
+  search_snapshot(snapshot, queries, num_queries, options, out);
+}
+
+namespace {
+
+void search_snapshot(const MemoryView& memory, const float* queries, int64_t num_queries,
+                     const SearchOptions& options, const SearchOutput& out) {
   const KeyFormat format = scored_format(memory, options);
   const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
@@ -716,8 +739,11 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   cpu::active_kernel();  // resolves KNNMEM_KERNEL here, in the caller's thread
 
   Plan p{&memory, &options, &out, queries, num_queries, num_bins, 0, 0, 1};
-  // Exact mode keeps 2k candidates per query: fewer queries per task for a big k.
-  const int64_t per_query = 8 * std::max<int64_t>(2 * options.k, 256);
+  // Bins hold a score and a slot per query, exact mode 2k candidates: fewer queries
+  // per task for many bins or a big k, so a task's buffers stay within kTopKBudget
+  // (num_bins <= kMaxBins and k <= capacity < 2^31: no product below overflows).
+  KNNMEM_ASSERT(num_bins == 0 || (num_bins >= options.k && num_bins <= kMaxBins));
+  const int64_t per_query = 8 * std::max({num_bins, 2 * options.k, int64_t{256}});
   const int64_t max_chunk =
       memory.key_layout == KeyLayout::kRows ? kMaxRowQueryChunk : kMaxQueryChunk;
   p.q_chunk = std::clamp<int64_t>(kTopKBudget / per_query, 1, max_chunk);
@@ -748,4 +774,5 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   if (p.hit_slots) Gather(p).run();
 }
 
+}  // namespace
 }  // namespace knnmem

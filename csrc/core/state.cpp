@@ -10,6 +10,7 @@
 // checks that loaded memories search bit-identically for every format and metric.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <shared_mutex>
 #include <sstream>
@@ -45,6 +46,9 @@ std::string at(const char* name, int64_t g, int64_t row, int64_t d) {
   s << "]";
   return s.str();
 }
+
+// The largest int8 scale whose key scale * 127 is finite in float32.
+const float kMaxInt8Scale = std::nextafter(std::numeric_limits<float>::max() / 127.0f, 0.0f);
 
 bool bf16_finite(uint16_t h) { return (h & 0x7F80u) != 0x7F80u; }
 
@@ -147,8 +151,12 @@ void Memory::import_state(const State& in) {
       }
       if (in.key_scale) {
         const float s = in.key_scale[row];
-        if (!(std::isfinite(s) && s >= 0.0f)) {
-          throw InvalidArgument(at("key_scale: expected a finite scale >= 0 at", g, i, -1));
+        // add() keeps amax / 127 within this (bindings refuse |key| = FLT_MAX), so
+        // scale * 127, the largest key a scale gives, is finite.
+        if (!(s >= 0.0f && s <= kMaxInt8Scale)) {
+          std::ostringstream what;
+          what << "key_scale: expected a scale in [0, " << kMaxInt8Scale << "], got " << s << " at";
+          throw InvalidArgument(at(what.str().c_str(), g, i, -1));
         }
       }
     }

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/fork.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace knnmem {
@@ -129,12 +130,22 @@ std::mutex g_pool_mutex;  // guards creation and resizing of the pool
 Pool* g_pool = nullptr;   // never destroyed: workers may outlive static destructors
 
 Pool& pool() {
+  ensure_fork_handlers();
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   if (g_pool == nullptr) g_pool = new Pool(default_num_threads());
   return *g_pool;
 }
 
 }  // namespace
+
+void pool_before_fork() { g_pool_mutex.lock(); }
+
+void pool_after_fork(bool child) {
+  // The child has none of the workers: the pool is dropped (not destroyed --
+  // that would join threads that are not there) and the next call starts one.
+  if (child) g_pool = nullptr;
+  g_pool_mutex.unlock();
+}
 
 void parallel_for(std::size_t num_tasks, const std::function<void(std::size_t)>& fn) {
   if (num_tasks == 0) return;

@@ -253,6 +253,7 @@ struct Scan {
       const uint32_t live = live_lanes(sc);
       const auto live_mask = V::from_bits(live);
       const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
+      const F lowest = V::set1(std::numeric_limits<float>::lowest());
       F aux = V::zero();
       if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
       if (!kStrided && c > 0) bin = next_bin(bin, W);
@@ -265,6 +266,11 @@ struct Scan {
           const F norms = V::add(V::set1(a.query_sq[q0 + r]), aux);
           v = V::min(V::zero(), V::sub(V::add(v, v), norms));
         }
+        // A live row whose score is NaN or -inf (finite keys and queries whose
+        // product or distance overflows, or a NaN written into a caller's ring)
+        // ranks as the lowest finite score, so it is still found: -inf is left
+        // for dead slots and empty bins. (gt is false for NaN.)
+        v = V::select(V::gt(v, lowest), v, lowest);
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
         if constexpr (kStrided) {
           if (c == 0) {

@@ -49,16 +49,26 @@ class AllocationError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+namespace detail {
+struct ForkHandlers;
+}
+
 // A reader/writer lock that lets a waiting writer in before new readers, so a
-// stream of searches cannot starve add() or clear().
+// stream of searches cannot starve add() or clear(). Every RWLock is taken
+// before a fork() and set up anew, free, in the child (csrc/core/fork.cpp).
 class RWLock {
  public:
+  RWLock();
+  ~RWLock();
+  RWLock(const RWLock&) = delete;
+  RWLock& operator=(const RWLock&) = delete;
   void lock_shared();
   void unlock_shared();
   void lock();
   void unlock();
 
  private:
+  friend struct detail::ForkHandlers;
   std::mutex mutex_;
   std::condition_variable changed_;
   int64_t readers_ = 0;
@@ -82,8 +92,12 @@ const char* metric_name(Metric metric);
 // expected fraction of the top-k that survives is
 //     r(L) = (L / k) * (1 - (1 - 1/L)^k).
 double expected_recall(int64_t num_bins, int64_t k);
-// Smallest L >= k with expected_recall(L, k) >= recall_target, or 0 when
-// recall_target >= 1 (exact search). Requires k >= 1, 0 < recall_target.
+// Smallest L >= k with expected_recall(L, k) >= recall_target, or 0 (exact
+// search) when recall_target >= 1 or when that L would exceed kMaxBins: no
+// memory has that many slots (capacity <= 2^31 - 1), and a search with L >= the
+// rows it holds is exact anyway. So the result is always in {0} u [k, kMaxBins].
+// Requires k >= 1, 0 < recall_target <= 1 (InvalidArgument otherwise).
+inline constexpr int64_t kMaxBins = int64_t{1} << 31;
 int64_t bins_for_recall(int64_t k, double recall_target);
 
 // ---------------------------------------------------------------------------
