@@ -110,22 +110,46 @@ float bf16_limit() {
 // scale * 127) stays finite: one step below FLT_MAX.
 float int8_limit() { return std::nextafter(std::numeric_limits<float>::max(), 0.0f); }
 
-// A private copy of a float32 input, made without the GIL and checked as it is
-// made (finite, and within `limit` where the key format needs it): another
-// thread writing the caller's buffer meanwhile cannot get unchecked values
-// stored, since the core reads only the copy.
-std::unique_ptr<float[]> staged_copy(const float* data, const py::array& a, const char* name,
-                                     float limit = std::numeric_limits<float>::max(),
-                                     const char* what = nullptr) {
-  const auto n = static_cast<std::size_t>(a.size());
-  std::unique_ptr<float[]> copy(new float[n > 0 ? n : 1]);
-  const int64_t bad = without_gil([&] {
-    std::memcpy(copy.get(), data, n * sizeof(float));
-    return first_bad(copy.get(), static_cast<int64_t>(n), limit);
-  });
-  if (bad >= 0) throw_bad_value(copy.get(), bad, a, name, what);
-  return copy;
-}
+// Private copies of add()'s float32 inputs, made on the core's threads without
+// the GIL and checked as they are made (finite, and within `limit` where the
+// key format needs it): another thread writing the caller's arrays meanwhile
+// cannot get unchecked values stored, since the core reads only the copies.
+// The buffer is kept for the calling thread's next add while it is at most
+// kKeepBytes (a steady loop then pays no page faults for it).
+class Staging {
+ public:
+  static constexpr std::size_t kKeepBytes = std::size_t{64} << 20;
+
+  Staging(std::size_t keys, std::size_t values) : keys_(keys) {
+    std::vector<float>& buf = buffer();
+    if (buf.size() < keys + values) buf.resize(keys + values);
+    data_ = buf.data();
+  }
+  ~Staging() {
+    std::vector<float>& buf = buffer();
+    if (buf.size() * sizeof(float) > kKeepBytes) std::vector<float>().swap(buf);
+  }
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+
+  // Copies and checks input `a` (`data`) into part 0 (keys) or 1 (values).
+  const float* stage(int part, const float* data, const py::array& a, const char* name,
+                     float limit = std::numeric_limits<float>::max(), const char* what = nullptr) {
+    float* dst = part == 0 ? data_ : data_ + keys_;
+    const auto n = static_cast<int64_t>(a.size());
+    const int64_t bad = without_gil([&] { return knnmem::copy_checked(data, dst, n, limit); });
+    if (bad >= 0) throw_bad_value(dst, bad, a, name, what);
+    return dst;
+  }
+
+ private:
+  static std::vector<float>& buffer() {
+    thread_local std::vector<float> buf;
+    return buf;
+  }
+  std::size_t keys_;
+  float* data_ = nullptr;
+};
 
 // A [*grid, rows, cols] input: the leading dimensions hold the grid's cells
 // (the caller's grid shape), so messages can use the caller's coordinates.
@@ -352,20 +376,21 @@ PYBIND11_MODULE(_core, m) {
             // Keys must stay finite in the stored format (save -> load round-trips
             // exactly what add accepted).
             const knnmem::KeyFormat f = self.key_format();
-            const auto staged_keys =
-                f == knnmem::KeyFormat::kFloat16
-                    ? staged_copy(k, keys, "keys", 65504.0f,
-                                  "values within +-65504 for float16 keys")
-                : f == knnmem::KeyFormat::kBFloat16
-                    ? staged_copy(k, keys, "keys", bf16_limit(),
-                                  "values within +-3.3961773e+38 for bfloat16 keys")
-                : f == knnmem::KeyFormat::kInt8
-                    ? staged_copy(k, keys, "keys", int8_limit(),
-                                  "values within +-3.4028233e+38 for int8 keys")
-                    : staged_copy(k, keys, "keys");
-            const auto staged_values = staged_copy(v, values, "values");
+            Staging staging(static_cast<std::size_t>(keys.size()),
+                            static_cast<std::size_t>(values.size()));
+            const float* sk = f == knnmem::KeyFormat::kFloat16
+                                  ? staging.stage(0, k, keys, "keys", 65504.0f,
+                                                  "values within +-65504 for float16 keys")
+                              : f == knnmem::KeyFormat::kBFloat16
+                                  ? staging.stage(0, k, keys, "keys", bf16_limit(),
+                                                  "values within +-3.3961773e+38 for bfloat16 keys")
+                              : f == knnmem::KeyFormat::kInt8
+                                  ? staging.stage(0, k, keys, "keys", int8_limit(),
+                                                  "values within +-3.4028233e+38 for int8 keys")
+                                  : staging.stage(0, k, keys, "keys");
+            const float* sv = staging.stage(1, v, values, "values");
             check_room(self.written().data(), G, T, "keys");
-            without_gil([&] { self.add(staged_keys.get(), staged_values.get(), T); });
+            without_gil([&] { self.add(sk, sv, T); });
           },
           py::arg("keys"), py::arg("values"))
       .def(
@@ -502,10 +527,12 @@ PYBIND11_MODULE(_core, m) {
         const float* nv = checked_shape(
             new_values, "new_values", view.grid, T, view.value_dim,
             dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
-        const auto staged_keys = staged_copy(nk, new_keys, "new_keys");
-        const auto staged_values = staged_copy(nv, new_values, "new_values");
+        Staging staging(static_cast<std::size_t>(new_keys.size()),
+                        static_cast<std::size_t>(new_values.size()));
+        const float* sk = staging.stage(0, nk, new_keys, "new_keys");
+        const float* sv = staging.stage(1, nv, new_values, "new_values");
         check_room(view.written, view.grid, T, "written");
-        without_gil([&] { knnmem::add(view, staged_keys.get(), staged_values.get(), T); });
+        without_gil([&] { knnmem::add(view, sk, sv, T); });
       },
       py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("new_keys"),
       py::arg("new_values"), "Append rows to a caller-owned ring, in place.");

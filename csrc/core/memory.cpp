@@ -129,6 +129,27 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
   for (int64_t g = 0; g < m.grid; ++g) m.written[g] = written[g] + num_rows;
 }
 
+int64_t copy_checked(const float* src, float* dst, int64_t n, float limit) {
+  constexpr int64_t kPiece = 16384;  // floats per task: copied, then checked while cached
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  std::vector<int64_t> first_bad(static_cast<std::size_t>(pieces), -1);
+  detail::parallel_for(static_cast<std::size_t>(pieces), [&](std::size_t i) {
+    const int64_t begin = static_cast<int64_t>(i) * kPiece;
+    const int64_t end = std::min(n, begin + kPiece);
+    std::memcpy(dst + begin, src + begin, sizeof(float) * static_cast<std::size_t>(end - begin));
+    for (int64_t j = begin; j < end; ++j) {
+      if (!(std::fabs(dst[j]) <= limit)) {  // also NaN
+        first_bad[i] = j;
+        return;
+      }
+    }
+  });
+  for (const int64_t bad : first_bad) {
+    if (bad >= 0) return bad;
+  }
+  return -1;
+}
+
 Memory::Memory(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, Metric metric,
                KeyFormat key_format)
     : grid_(grid),

@@ -255,6 +255,13 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
 void add(const MutableMemoryView& memory, const float* new_keys, const float* new_values,
          int64_t num_rows);
 
+// Copies n floats from src to dst on the thread pool and returns the index of
+// the first one that is NaN, infinite or of magnitude above `limit`, or -1.
+// The check reads dst, after the copy: what passes is what was copied, even if
+// another thread writes src meanwhile. Front ends stage caller inputs with it
+// before add(), so that what is stored is what was checked.
+int64_t copy_checked(const float* src, float* dst, int64_t n, float limit);
+
 // Stream position held by `slot` of a memory that has `written` rows, or -1
 // if the slot holds no live row.
 int64_t position_of_slot(const Placement& placement, int64_t written, int64_t slot);
