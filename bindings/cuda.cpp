@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda/knnmem_cuda.hpp"
+#include "gil.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace py = pybind11;
@@ -387,12 +388,13 @@ PYBIND11_MODULE(_cuda, m) {
                                         std::to_string(plan.workspace_bytes) + " bytes, got " +
                                         std::to_string(workspace_bytes));
         }
-        py::gil_scoped_release release;
-        DeviceGuard guard(device);
-        kc::search(r, ptr<const float>(queries), num_queries, k, met, plan, ptr<void>(workspace),
-                   {ptr<float>(scores), ptr<void>(indices), ptr<bool>(mask), ptr<float>(out_keys),
-                    ptr<float>(out_values)},
-                   stream_of(stream));
+        knnmem_bindings::without_gil([&] {
+          DeviceGuard guard(device);
+          kc::search(r, ptr<const float>(queries), num_queries, k, met, plan, ptr<void>(workspace),
+                     {ptr<float>(scores), ptr<void>(indices), ptr<bool>(mask), ptr<float>(out_keys),
+                      ptr<float>(out_values)},
+                     stream_of(stream));
+        });
       },
       py::arg("keys"), py::arg("dtype"), py::arg("values"), py::arg("written"),
       py::arg("offset_of"), py::arg("grid"), py::arg("capacity"), py::arg("key_dim"),
@@ -409,12 +411,13 @@ PYBIND11_MODULE(_cuda, m) {
          uintptr_t slot_of, int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
          uintptr_t new_keys, uintptr_t new_values, int64_t num_rows, uintptr_t stream, int device) {
         const kc::KeyDType dt = kc::parse_key_dtype(dtype);
-        py::gil_scoped_release release;
-        DeviceGuard guard(device);
-        kc::add(ptr<void>(keys), dt, ptr<float>(values), ptr<int64_t>(written),
-                ptr<const int32_t>(slot_of), grid, capacity, key_dim, value_dim,
-                ptr<const float>(new_keys), ptr<const float>(new_values), num_rows,
-                stream_of(stream));
+        knnmem_bindings::without_gil([&] {
+          DeviceGuard guard(device);
+          kc::add(ptr<void>(keys), dt, ptr<float>(values), ptr<int64_t>(written),
+                  ptr<const int32_t>(slot_of), grid, capacity, key_dim, value_dim,
+                  ptr<const float>(new_keys), ptr<const float>(new_values), num_rows,
+                  stream_of(stream));
+        });
       },
       py::arg("keys"), py::arg("dtype"), py::arg("values"), py::arg("written"), py::arg("slot_of"),
       py::arg("grid"), py::arg("capacity"), py::arg("key_dim"), py::arg("value_dim"),
@@ -423,9 +426,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "clear",
       [](uintptr_t written, uintptr_t mask, int64_t grid, uintptr_t stream, int device) {
-        py::gil_scoped_release release;
-        DeviceGuard guard(device);
-        kc::clear(ptr<int64_t>(written), ptr<const bool>(mask), grid, stream_of(stream));
+        knnmem_bindings::without_gil([&] {
+          DeviceGuard guard(device);
+          kc::clear(ptr<int64_t>(written), ptr<const bool>(mask), grid, stream_of(stream));
+        });
       },
       py::arg("written"), py::arg("mask"), py::arg("grid"), py::arg("stream"), py::arg("device"));
 
@@ -451,8 +455,7 @@ PYBIND11_MODULE(_cuda, m) {
                              [](DeviceMemory& self) {
                                std::vector<int64_t> w;
                                {
-                                 py::gil_scoped_release release;
-                                 w = self.written();
+                                 knnmem_bindings::without_gil([&] { w = self.written(); });
                                }
                                return CArray<int64_t>(static_cast<py::ssize_t>(w.size()), w.data());
                              })
@@ -460,14 +463,12 @@ PYBIND11_MODULE(_cuda, m) {
            [](DeviceMemory& self, CArray<float> keys, CArray<float> values, int64_t num_rows) {
              const float* k = data_of(keys, self.grid() * num_rows * self.key_dim(), "keys");
              const float* v = data_of(values, self.grid() * num_rows * self.value_dim(), "values");
-             py::gil_scoped_release release;
-             self.add_host(k, v, num_rows);
+             knnmem_bindings::without_gil([&] { self.add_host(k, v, num_rows); });
            })
       .def("add_device",
            [](DeviceMemory& self, uintptr_t keys, uintptr_t values, int64_t num_rows,
               uintptr_t stream) {
-             py::gil_scoped_release release;
-             self.add_device(keys, values, num_rows, stream);
+             knnmem_bindings::without_gil([&] { self.add_device(keys, values, num_rows, stream); });
            })
       .def("search_host",
            [](DeviceMemory& self, CArray<float> queries, int64_t num_queries, int64_t k,
@@ -487,17 +488,26 @@ PYBIND11_MODULE(_cuda, m) {
              float* kk = keys.mutable_data();
              float* vv = values.mutable_data();
              {
-               py::gil_scoped_release release;
-               self.search_host(q, num_queries, k, recall_target, s, i, mk, kk, vv);
+               knnmem_bindings::without_gil(
+                   [&] { self.search_host(q, num_queries, k, recall_target, s, i, mk, kk, vv); });
              }
              return py::make_tuple(scores, indices, keys, values, mask);
            })
-      .def("search_device", &DeviceMemory::search_device, py::call_guard<py::gil_scoped_release>())
+      .def("search_device",
+           [](DeviceMemory& self, uintptr_t queries, int64_t num_queries, int64_t k,
+              double recall_target, uintptr_t scores, uintptr_t indices, uintptr_t mask,
+              uintptr_t keys, uintptr_t values, uintptr_t stream) {
+             knnmem_bindings::without_gil([&] {
+               self.search_device(queries, num_queries, k, recall_target, scores, indices, mask,
+                                  keys, values, stream);
+             });
+           })
       .def("clear_host",
            [](DeviceMemory& self, std::optional<CArray<bool>> mask) {
              const bool* m = mask ? data_of(*mask, self.grid(), "which") : nullptr;
-             py::gil_scoped_release release;
-             self.clear_host(m);
+             knnmem_bindings::without_gil([&] { self.clear_host(m); });
            })
-      .def("clear_device", &DeviceMemory::clear_device, py::call_guard<py::gil_scoped_release>());
+      .def("clear_device", [](DeviceMemory& self, uintptr_t mask, uintptr_t stream) {
+        knnmem_bindings::without_gil([&] { self.clear_device(mask, stream); });
+      });
 }

@@ -173,7 +173,43 @@ void test_state_round_trip() {
 
 }  // namespace
 
+// Bin counts stay in {0} u [k, kMaxBins] however close to 1 the target is (a
+// target within 1e-16 of 1 overflowed int64 and the scan never ended).
+void test_bins_bounds() {
+  for (const int64_t k : {int64_t{1}, int64_t{32}, int64_t{2050}, int64_t{1} << 40}) {
+    for (const double target : {0.9, 0.999999, 1 - 1e-12, std::nextafter(1.0, 0.0)}) {
+      const int64_t bins = knnmem::bins_for_search(k, target, knnmem::KeyFormat::kInt8);
+      CHECK(bins == 0 || (bins >= k && bins <= knnmem::kMaxBins));
+    }
+  }
+  CHECK(knnmem::bins_for_recall(2050, std::nextafter(1.0, 0.0)) == 0);
+  // A search at such a target is exact and finishes.
+  knnmem::Memory m(1, 64, 4, 1);
+  std::vector<float> keys(64 * 4), values(64);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (float& x : keys) x = normal(rng);
+  m.add(keys.data(), values.data(), 64);
+  const Results r =
+      run(m, std::vector<float>(keys.begin(), keys.begin() + 4), 1, 64, std::nextafter(1.0, 0.0));
+  CHECK(std::count(r.mask.begin(), r.mask.end(), 1) == 64);
+}
+
+// copy_checked copies everything and reports the first bad value of the copy.
+void test_copy_checked() {
+  std::vector<float> src(100000, 1.5f), dst(100000, 0.0f);
+  CHECK(knnmem::copy_checked(src.data(), dst.data(), 100000, 2.0f) == -1);
+  CHECK(dst == src);
+  src[70000] = NAN;
+  src[90000] = 3.0f;
+  CHECK(knnmem::copy_checked(src.data(), dst.data(), 100000, 2.0f) == 70000);
+  src[70000] = 1.0f;
+  CHECK(knnmem::copy_checked(src.data(), dst.data(), 100000, 2.0f) == 90000);
+}
+
 int main() {
+  test_bins_bounds();
+  test_copy_checked();
   test_recall_model();
   test_search();
   test_clear_and_bad_k();
