@@ -26,8 +26,40 @@ def framework_of(x: Any) -> str:
     return "numpy"
 
 
+def _is_tensor(x: Any) -> bool:
+    return framework_of(x) == "torch" and hasattr(x, "layout")  # not torch.Size and the like
+
+
+def check_dense_tensor(x: Any, name: str) -> None:
+    """TypeError for a torch tensor without the plain strided layout (sparse, nested,
+    mkldnn). Reads metadata only, so fake tensors (torch.compile) pass."""
+    if getattr(x, "is_nested", False):
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor")
+    if str(x.layout) != "torch.strided":
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
+
+
+def _torch_numpy(x: Any, name: str, widen: bool = False) -> np.ndarray:
+    """The values of torch tensor x as a numpy array (a view where x is a dense CPU
+    tensor); widen: float16 / bfloat16 to float32 first. TypeError / ValueError naming
+    the argument where x holds no data numpy can take."""
+    check_dense_tensor(x, name)
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor holding data, got one on the meta device")
+    x = x.detach()
+    if widen:
+        x = x.float()
+    x = x.cpu().resolve_conj().resolve_neg()
+    try:
+        return x.numpy()
+    except (TypeError, RuntimeError) as e:  # dtypes numpy lacks, tensor subclasses
+        raise TypeError(f"{name}: expected a tensor numpy can read, got {x.dtype} ({e})") from None
+
+
 def as_array(x: Any, name: str) -> np.ndarray:
     """np.asarray(x), with a message naming the argument when it cannot be one."""
+    if _is_tensor(x):
+        return _torch_numpy(x, name)
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as e:
@@ -41,11 +73,14 @@ def index_str(index: tuple) -> str:
 def as_float32(x: Any, name: str) -> np.ndarray:
     """A C-contiguous float32 numpy array holding `x`; TypeError for non-floats,
     ValueError for float64 values outside the float32 range."""
-    if framework_of(x) == "torch":
-        x = x.detach()
-        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
-            x = x.float()
-        x = x.cpu().numpy()
+    if _is_tensor(x):
+        dtype = str(x.dtype).replace("torch.", "")
+        if dtype not in _FLOAT_NAMES:  # before numpy, which lacks float8, qint8, ...
+            raise TypeError(
+                f"{name}: expected a floating-point array ({', '.join(_FLOAT_NAMES)}), "
+                f"got dtype {dtype}"
+            )
+        x = _torch_numpy(x, name, widen=dtype in ("float16", "bfloat16"))
     arr = as_array(x, name)
     if arr.dtype.name not in _FLOAT_NAMES:
         raise TypeError(
@@ -74,17 +109,27 @@ def to_framework(arr: np.ndarray, framework: str) -> Any:
     return arr
 
 
-def check_int(value: Any, name: str, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
+def int_str(value: int) -> str:
+    """str(value), or its size where the digits would be too many to read (or for
+    str() to make: it refuses more than 4300)."""
+    if value.bit_length() <= 1024:
+        return str(value)
+    return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
+
+
+def check_int(
+    value: Any, name: str, minimum: int | None = None, maximum: int | None = INT64_MAX
+) -> int:
     """`value` as a Python int; TypeError for non-integers (bool included), ValueError
-    outside [minimum, maximum]."""
+    outside [minimum, maximum] (None: unbounded)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    if value > maximum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {int_str(value)}")
+    if maximum is not None and value > maximum:
         lo = "" if minimum is None else f"{minimum}"
-        raise ValueError(f"{name}: expected an integer in [{lo}, {maximum}], got {value}")
+        raise ValueError(f"{name}: expected an integer in [{lo}, {maximum}], got {int_str(value)}")
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_float32, check_grid_array, framework_of
+from ._arrays import as_float32, check_dense_tensor, check_grid_array, framework_of
 
 if importlib.util.find_spec(f"{__package__}._cuda") is None:  # built without nvcc
     _cuda = None
@@ -136,6 +136,7 @@ class DeviceCore:
         """A contiguous float32 CUDA tensor on this memory's device, checked finite."""
         import torch
 
+        check_dense_tensor(x, name)
         if x.device.index != self.device:
             raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got {x.device}")
         if not x.is_floating_point():

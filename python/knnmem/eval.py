@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
+from ._arrays import check_int
+from .memory import KEY_DTYPES, check_recall_target
 
 __all__ = ["expected_recall", "bins_for_recall", "bins_for_search", "exact_search", "recall"]
 
@@ -12,13 +14,13 @@ __all__ = ["expected_recall", "bins_for_recall", "bins_for_search", "exact_searc
 def expected_recall(num_bins: int, k: int) -> float:
     """r(L) = (L/k) (1 - (1 - 1/L)^k): expected fraction of the exact top-k found
     with L strided bins, when the top-k fall in independent uniform bins."""
-    return _core.expected_recall(num_bins, k)
+    return _core.expected_recall(check_int(num_bins, "num_bins", 1), check_int(k, "k", 1))
 
 
 def bins_for_recall(k: int, recall_target: float) -> int:
     """Smallest L >= k with expected_recall(L, k) >= recall_target; 0 means exact
     (recall_target == 1). A search uses exact top-k whenever L >= rows held."""
-    return _core.bins_for_recall(k, recall_target)
+    return _core.bins_for_recall(check_int(k, "k", 1), check_recall_target(recall_target))
 
 
 def bins_for_search(k: int, recall_target: float, dtype: str = "float32") -> int:
@@ -26,6 +28,9 @@ def bins_for_search(k: int, recall_target: float, dtype: str = "float32") -> int
     with the target raised to 1 - 0.8 (1 - target) for bfloat16, float16 and int8 keys,
     whose rounding moves near-ties across the k-th, and 16 or more bins rounded up to a
     multiple of 16 (whole vectors of bins for the CPU kernels; recall only rises)."""
+    if not isinstance(dtype, str) or dtype not in KEY_DTYPES:
+        raise ValueError(f"dtype: expected one of {KEY_DTYPES}, got {dtype!r}")
+    k, recall_target = check_int(k, "k", 1), check_recall_target(recall_target)
     return _core.bins_for_search(k, recall_target, dtype)
 
 
@@ -56,6 +61,7 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (float64 reference): (scores [..., Q, k], row indices [..., Q, k]),
     best first; -inf / -1 past the number of rows."""
+    k = check_int(k, "k", 1)
     s = scores(keys, queries, metric)
     n = s.shape[-1]
     kk = min(k, n)

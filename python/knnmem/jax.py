@@ -51,6 +51,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from . import _core
+from ._arrays import as_array, check_int
 from .memory import (
     METRICS,
     PRECISIONS,
@@ -195,7 +196,8 @@ def init(
     capacity, key_dim, value_dim = check_sizes(capacity, key_dim, value_dim)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if capacity_shards < 1 or capacity % capacity_shards:
+    capacity_shards = check_int(capacity_shards, "capacity_shards", minimum=1)
+    if capacity % capacity_shards:
         raise ValueError(
             f"capacity: expected a multiple of capacity_shards={capacity_shards}, got {capacity}"
         )
@@ -216,6 +218,9 @@ def count(state: MemoryState) -> jax.Array:
 def _check_state(state: Any, name: str = "state") -> MemoryState:
     if not isinstance(state, MemoryState):
         raise TypeError(f"{name}: expected a knnmem.jax.MemoryState, got {type(state).__name__}")
+    for arr, what in ((state.keys, "keys"), (state.values, "values"), (state.written, "written")):
+        if not all(hasattr(arr, a) for a in ("shape", "ndim", "dtype")):
+            raise TypeError(f"{name}.{what}: expected an array, got {type(arr).__name__}")
     shape = state.shape
     for arr, what in ((state.keys, "keys"), (state.values, "values")):
         if arr.ndim != len(shape) + 2 or tuple(arr.shape[: len(shape)]) != shape:
@@ -223,6 +228,8 @@ def _check_state(state: Any, name: str = "state") -> MemoryState:
                 f"{name}.{what}: expected shape (*written.shape={shape}, capacity, dim), "
                 f"got {tuple(arr.shape)}"
             )
+        if arr.shape[-1] == 0:
+            raise ValueError(f"{name}.{what}: expected dim >= 1, got shape {tuple(arr.shape)}")
         if arr.dtype != jnp.float32:
             raise TypeError(f"{name}.{what}: expected dtype float32, got {arr.dtype}")
     if state.values.shape[-2] != state.keys.shape[-2]:
@@ -237,12 +244,19 @@ def _check_state(state: Any, name: str = "state") -> MemoryState:
     return state
 
 
+def _as_array(x: Any, name: str) -> Any:
+    """x as an array with a message naming the argument where it cannot be one (other
+    than JAX arrays and tracers, inputs go through numpy: lists, torch tensors, ...)."""
+    return x if isinstance(x, jax.Array) else as_array(x, name)
+
+
 def _check_rows(
     x: Any, name: str, shape: tuple, rows: int | None, dim: int, dim_name: str, rows_name="T"
 ):
-    x = jnp.asarray(x)
+    x = _as_array(x, name)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    x = jnp.asarray(x)
     n = len(shape)
     if (
         x.ndim != n + 2
@@ -281,6 +295,21 @@ def _shard_position(capacity_axis: Any) -> tuple[Any, int]:
     return lax.axis_index(capacity_axis), lax.axis_size(capacity_axis)
 
 
+def _check_capacity_axis(capacity_axis: Any) -> None:
+    """ValueError unless capacity_axis is None or names an axis bound here (inside
+    shard_map), checked at trace time instead of failing inside the jitted function."""
+    if capacity_axis is None:
+        return
+    try:
+        hash(capacity_axis)
+        lax.axis_size(capacity_axis)
+    except (TypeError, NameError, ValueError) as e:
+        raise ValueError(
+            f"capacity_axis: expected the name of a mesh axis of the enclosing shard_map, got "
+            f"{capacity_axis!r} ({e})"
+        ) from None
+
+
 def _local_written(written: jax.Array, shard: Any, shards: int) -> jax.Array:
     """Rows of the global stream that went to ring `shard` of `shards` (row p -> p % shards)."""
     if shards == 1:
@@ -297,6 +326,7 @@ def add(state: MemoryState, keys: Any, values: Any, *, capacity_axis: Any = None
     flows into the memory. With ``capacity_axis`` (inside shard_map) each device writes
     only the rows of the segment that its ring owns."""
     state = _check_state(state)
+    _check_capacity_axis(capacity_axis)
     shape = state.shape
     keys = _check_rows(keys, "keys", shape, None, state.key_dim, "key_dim")
     t = keys.shape[-2]
@@ -368,7 +398,7 @@ def reset(state: MemoryState, mask: Any = None) -> MemoryState:
     state = _check_state(state)
     if mask is None:
         return state.replace(written=jnp.zeros_like(state.written))
-    mask = jnp.asarray(mask)
+    mask = jnp.asarray(_as_array(mask, "mask"))
     shape = state.shape
     if mask.dtype != jnp.bool_:
         raise TypeError(f"mask: expected a bool array, got dtype {mask.dtype}")
@@ -493,8 +523,8 @@ def _results(top, slot, keys, values, w, offset_of):
     indices = jnp.where(mask, pos, -1).astype(w.dtype)
     scores = jnp.where(mask, top, -jnp.inf)
     flat = slot.reshape(g, nq * k, 1)
-    rk = jnp.take_along_axis(keys, flat, axis=1).reshape(g, nq, k, -1)
-    rv = jnp.take_along_axis(values, flat, axis=1).reshape(g, nq, k, -1)
+    rk = jnp.take_along_axis(keys, flat, axis=1).reshape(g, nq, k, keys.shape[-1])
+    rv = jnp.take_along_axis(values, flat, axis=1).reshape(g, nq, k, values.shape[-1])
     rk = jnp.where(mask[..., None], rk, 0)
     rv = jnp.where(mask[..., None], rv, 0)
     return scores, indices, rk, rv, mask
@@ -789,6 +819,9 @@ def search(
         raise ValueError(f"precision: impl='pallas' scores float32 keys, got {precision!r}")
     if impl == "ffi" and not ffi_available():
         raise RuntimeError(f"impl='ffi': {_FFI_MISSING}")
+    if state.written.dtype not in (jnp.int32, jnp.int64):  # the custom call's index types
+        raise TypeError(f"state.written: expected dtype int32 or int64, got {state.written.dtype}")
+    _check_capacity_axis(capacity_axis)
     k, recall_target = check_search_args(k, recall_target, state.capacity)
     queries = _check_rows(
         queries, "queries", state.shape, None, state.key_dim, "key_dim", rows_name="Q"
@@ -831,6 +864,17 @@ def _grid_spec(ndim_extra: int, grid_ndim: int, batch_axis: Any) -> P:
     return P(batch_axis, *((None,) * (grid_ndim - 1 + ndim_extra)))
 
 
+def _check_mesh_axes(mesh: Any, **axes: Any) -> None:
+    """TypeError for a mesh that is not one, ValueError for an axis name it lacks."""
+    names = getattr(mesh, "axis_names", None)
+    if not isinstance(names, tuple):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for arg, axis in axes.items():
+        for name in axis if isinstance(axis, (tuple, list)) else (axis,):
+            if name is not None and name not in names:
+                raise ValueError(f"{arg}: expected an axis of the mesh {names}, got {axis!r}")
+
+
 def sharded_search(
     mesh: Any,
     state: MemoryState,
@@ -845,6 +889,8 @@ def sharded_search(
 ) -> SearchResult:
     """search() under jax.shard_map over `mesh`: the grid's first axis split over
     batch_axis, the capacity over capacity_axis (queries replicated along it)."""
+    state = _check_state(state)
+    _check_mesh_axes(mesh, batch_axis=batch_axis, capacity_axis=capacity_axis)
     n = len(state.shape)
     specs = partition_specs(state, batch_axis, capacity_axis)
     res_spec = SearchResult(*(_grid_spec(e, n, batch_axis) for e in (2, 2, 3, 3, 2)))
@@ -869,6 +915,8 @@ def sharded_add(
     capacity_axis: Any = None,
 ) -> MemoryState:
     """add() under jax.shard_map over `mesh` (see :func:`sharded_search`)."""
+    state = _check_state(state)
+    _check_mesh_axes(mesh, batch_axis=batch_axis, capacity_axis=capacity_axis)
     n = len(state.shape)
     specs = partition_specs(state, batch_axis, capacity_axis)
     rows = _grid_spec(2, n, batch_axis)

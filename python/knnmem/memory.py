@@ -15,6 +15,7 @@ from ._arrays import (
     check_grid_array,
     check_int,
     framework_of,
+    int_str,
     to_framework,
 )
 
@@ -55,7 +56,9 @@ def normalize_shape(shape: Any) -> tuple[int, ...]:
         raise ValueError("shape: expected at least one grid dimension, got ()")
     dims = tuple(check_int(d, "shape", minimum=1, maximum=2**256) for d in dims)
     if math.prod(dims) > INT64_MAX:
-        raise MemoryError(f"shape: a grid of {math.prod(dims)} memories cannot be allocated")
+        raise MemoryError(
+            f"shape: a grid of {int_str(math.prod(dims))} memories cannot be allocated"
+        )
     return dims
 
 
@@ -70,19 +73,30 @@ def check_sizes(capacity: Any, key_dim: Any, value_dim: Any) -> tuple[int, int, 
     return capacity, key_dim, value_dim
 
 
-def check_search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]:
-    k = check_int(k, "k", maximum=2**256)
-    if not 1 <= k <= capacity:
-        raise ValueError(f"k: expected an integer in [1, capacity={capacity}], got {k}")
+def check_recall_target(recall_target: Any) -> float:
+    """recall_target as a float in (0, 1]: TypeError for non-numbers (bool included),
+    ValueError for anything else outside (NaN, infinities, ints too large for a float)."""
     real = (int, float, np.integer, np.floating)
     if isinstance(recall_target, (bool, np.bool_)) or not isinstance(recall_target, real):
         raise TypeError(
             f"recall_target: expected a number in (0, 1], got {type(recall_target).__name__}"
         )
+    if isinstance(recall_target, (int, np.integer)):  # exactly, before float() can overflow
+        if int(recall_target) != 1:
+            shown = int_str(int(recall_target))
+            raise ValueError(f"recall_target: expected a number in (0, 1], got {shown}")
+        return 1.0
     recall_target = float(recall_target)
     if not (0.0 < recall_target <= 1.0):  # also rejects NaN
         raise ValueError(f"recall_target: expected a number in (0, 1], got {recall_target}")
-    return k, recall_target
+    return recall_target
+
+
+def check_search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]:
+    k = check_int(k, "k", maximum=None)
+    if not 1 <= k <= capacity:
+        raise ValueError(f"k: expected an integer in [1, capacity={capacity}], got {int_str(k)}")
+    return k, check_recall_target(recall_target)
 
 
 def wrap_result(raw: tuple, shape: tuple[int, ...], framework: str) -> SearchResult:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from . import _core
 from . import cuda as _kcuda
 from . import torch_reference as _reference
-from ._arrays import as_float32
+from ._arrays import as_array, as_float32, check_dense_tensor
 from .memory import (
     METRICS,
     PRECISIONS,
@@ -97,6 +97,7 @@ def _check_ring(keys: Tensor, values: Tensor, written: Tensor, in_place: bool) -
     ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        check_dense_tensor(t, name)
         if t.dtype != dtype:
             raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     shape = tuple(written.shape)
@@ -126,6 +127,11 @@ def _check_ring(keys: Tensor, values: Tensor, written: Tensor, in_place: bool) -
                     f"{name}: expected a contiguous tensor (it is updated in place); "
                     f"keep the ring in tensors made by knnmem.torch.KNNMemory or torch.zeros"
                 )
+            if t.requires_grad:
+                raise ValueError(
+                    f"{name}: expected a tensor that does not require grad (it is updated "
+                    f"in place, outside autograd)"
+                )
     return shape, capacity, key_dim, values.shape[-1]
 
 
@@ -141,6 +147,7 @@ def _check_rows(
 ) -> int:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_dense_tensor(x, name)
     if x.dtype not in _FLOATS:
         raise TypeError(
             f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
@@ -164,7 +171,9 @@ def _check_rows(
     return x.shape[-2]
 
 
-def _check_search(keys, values, written, queries, k, recall_target, metric, precision) -> tuple:
+def _check_search(
+    keys, values, written, queries, k=32, recall_target=0.9, metric="ip", precision="float32"
+) -> tuple:
     shape, capacity, key_dim, value_dim = _check_ring(keys, values, written, in_place=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
@@ -188,6 +197,8 @@ def _check_clear(written: Tensor, mask: Tensor) -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = getattr(mask, "dtype", type(mask).__name__)
         raise TypeError(f"mask: expected a bool torch.Tensor, got {got}")
+    check_dense_tensor(written, "written")
+    check_dense_tensor(mask, "mask")
     if tuple(mask.shape) != tuple(written.shape):
         want, got = _shape_str(written.shape), _shape_str(mask.shape)
         raise ValueError(f"mask: expected shape {want} (as written), got {got}")
@@ -363,6 +374,38 @@ def _(written, mask):
     _check_clear(written, mask)
 
 
+# Nested tensors never reach the kernels above (there is none for the nested dispatch
+# keys, nor a rule for the jagged subclass): these run the op's checks instead, which
+# raise a TypeError naming the nested argument, in place of torch's NotImplementedError.
+# (The dispatcher leaves out trailing defaulted arguments, hence _check_search's defaults.)
+def _refuse_nested(check):
+    def refuse(*args, **kwargs):
+        check(*args, **kwargs)
+        raise TypeError("expected dense (strided) tensors, got a nested tensor")
+
+    return refuse
+
+
+try:
+    from torch.nested._internal.nested_tensor import NestedTensor as _JaggedTensor
+except ImportError:  # pragma: no cover - a torch without jagged nested tensors
+    _JaggedTensor = None
+
+_NESTED_LIB = torch.library.Library("knnmem", "IMPL")
+for _name, _op, _check in (
+    ("search", search, _check_search),
+    ("add", add, _check_add),
+    ("clear", clear, _check_clear),
+):
+    _refuse = _refuse_nested(_check)
+    for _key in ("NestedTensorCPU", "NestedTensorCUDA", "NestedTensorMeta"):
+        _NESTED_LIB.impl(_name, _refuse, _key)
+    if _JaggedTensor is not None:
+        _op.register_torch_dispatch(
+            _JaggedTensor, lambda cls, func, types, args, kwargs, f=_refuse: f(*args, **kwargs)
+        )
+
+
 # -- modules ------------------------------------------------------------------------------------
 
 
@@ -471,6 +514,11 @@ class KNNMemory(nn.Module):
             self.written.zero_()
             return
         if isinstance(which, Tensor) and which.dtype == torch.bool:
+            check_dense_tensor(which, "which")
+            if which.device.type == "meta" and self.written.device.type != "meta":
+                raise ValueError(
+                    f"which: expected a tensor holding data, got one on {which.device}"
+                )
             n = which.dim()
             if n == 0 or tuple(which.shape) != self.shape[:n]:
                 raise ValueError(
@@ -483,7 +531,7 @@ class KNNMemory(nn.Module):
             mask = mask.expand(self.shape).contiguous()
         else:
             if isinstance(which, Tensor):
-                which = which.cpu().numpy()
+                which = as_array(which, "which")
             mask = torch.from_numpy(grid_mask(which, self.shape)).to(self.written.device)
         torch.ops.knnmem.clear(self.written, mask)
 
@@ -626,6 +674,13 @@ class MemorizingAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, reset: Optional[Tensor] = None) -> Tensor:
+        check_dense_tensor(x, "x")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape (B, T, dim={self.dim}), got {_shape_str(x.shape)}")
+        if x.device != self.gate.device:
+            raise ValueError(
+                f"x: expected a tensor on {self.gate.device} (as the module), got {x.device}"
+            )
         b, t, _ = x.shape
         if self.memory is not None and b != self.batch_size:
             raise ValueError(f"x: expected batch size {self.batch_size} (one memory each), got {b}")

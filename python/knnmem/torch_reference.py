@@ -164,6 +164,8 @@ def search(
     live = offset_of[None, :] < w[:, None]  # [G, C]
     n = torch.clamp(w, max=capacity)
     num_bins = _eval.bins_for_search(k, recall_target, precision)
+    if num_bins >= capacity:  # >= the rows any memory holds: exact, and no [grid, L] table
+        num_bins = 0
     sk = _round_keys(kk, precision)  # what is scored; kk is what is returned
 
     if metric == "cosine":
