@@ -49,6 +49,7 @@ def build(out: Path) -> Path:
         "c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-D__CUDA_ARCH__=800",
         "-DKNNMEM_CUDA_EMU",
         f"-I{HERE / 'include'}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
+        f"-I{ROOT / 'bindings'}",
         f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
         str(kernels), str(binding), str(ROOT / "csrc/core/placement.cpp"),
         str(ROOT / "csrc/core/recall.cpp"), "-o", str(target),
