@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._contract import MAX_CAPACITY, METRICS
+
 if TYPE_CHECKING:
     from .memory import Memory
 
@@ -221,7 +223,6 @@ def _grid_size(shape: Any) -> int | None:
 
 
 def _parse_metadata(header: Any) -> dict[str, Any]:
-    from .memory import MAX_CAPACITY, METRICS
 
     if not isinstance(header, dict):
         raise _Bad("not a safetensors file: the header is not a JSON object")
@@ -321,12 +322,13 @@ def _check_tensors(header: dict, meta: dict, data_bytes: int) -> dict[str, tuple
     return spans
 
 
-def load(path: Any, mmap: bool = False) -> Memory:
+def load(cls: type[Memory], path: Any, mmap: bool = False) -> Memory:
+    """A memory of class `cls` (knnmem.Memory) built from the file at `path`."""
     path = _fspath(path)
     if not isinstance(mmap, (bool, np.bool_)):
         raise TypeError(f"mmap: expected a bool, got {type(mmap).__name__}")
     try:
-        return _load(path, bool(mmap))
+        return _load(cls, path, bool(mmap))
     except _Bad as e:
         raise ValueError(f"{path}: {e}") from e.__cause__  # None unless a decoder's error
 
@@ -388,7 +390,7 @@ def _checksum(header: dict, f: Any, start: int, size: int, out: Any = None) -> s
     return "sha256:" + digest.hexdigest()
 
 
-def _load(path: str, use_mmap: bool) -> Memory:
+def _load(cls: type[Memory], path: str, use_mmap: bool) -> Memory:
     with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         (n,) = struct.unpack("<Q", _read_exact(f, 8, "header length"))
@@ -436,7 +438,7 @@ def _load(path: str, use_mmap: bool) -> Memory:
                 data = memoryview(bytearray(data_bytes))
                 if _checksum(header, f, 8 + n, data_bytes, data) != computed:
                     raise _Bad("changed while loading: the data no longer matches the checksum")
-            return _build(meta, spans, data)
+            return _build(cls, meta, spans, data)
         finally:
             data = None  # noqa: F841 -- release the views before the map closes
             if mapped is not None:
@@ -446,9 +448,7 @@ def _load(path: str, use_mmap: bool) -> Memory:
                     pass
 
 
-def _build(meta: dict, spans: dict, data: memoryview) -> Memory:
-    from .memory import Memory
-
+def _build(cls: type[Memory], meta: dict, spans: dict, data: memoryview) -> Memory:
     arrays = {}
     grid = math.prod(meta["shape"])
     for name, _, np_dtype, shape in _tensor_specs(meta):
@@ -456,7 +456,7 @@ def _build(meta: dict, spans: dict, data: memoryview) -> Memory:
         arr = np.frombuffer(data[begin:stop], dtype=np_dtype)
         arr = arr.reshape((grid, *shape[len(meta["shape"]) :]))
         arrays[name] = np.require(arr, requirements=("C", "A"))  # copies only if unaligned
-    mem = Memory(
+    mem = cls(
         shape=tuple(meta["shape"]),
         capacity=meta["capacity"],
         key_dim=meta["key_dim"],

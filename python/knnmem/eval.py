@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import check_int
-from .memory import KEY_DTYPES, check_recall_target
+from ._contract import KEY_DTYPES, check_recall_target
 
 __all__ = ["expected_recall", "bins_for_recall", "bins_for_search", "exact_search", "recall"]
 

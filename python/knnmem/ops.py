@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import INT64_MAX, as_array, as_float32, check_grid_array, framework_of, index_str
-from .memory import (
+from ._contract import (
     METRICS,
     PRECISIONS,
     SearchResult,
