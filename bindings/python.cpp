@@ -189,23 +189,6 @@ void check_room(const int64_t* written, int64_t grid, int64_t rows, const char* 
   }
 }
 
-double checked_recall_target(double recall_target) {
-  if (!(recall_target > 0.0 && recall_target <= 1.0)) {
-    std::ostringstream s;
-    s << "recall_target: expected a number in (0, 1], got " << recall_target;
-    throw InvalidArgument(s.str());
-  }
-  return recall_target;
-}
-
-int64_t checked_k(int64_t k, int64_t capacity) {
-  if (k < 1 || k > capacity) {
-    throw InvalidArgument("k: expected an integer in [1, capacity=" + std::to_string(capacity) +
-                          "], got " + std::to_string(k));
-  }
-  return k;
-}
-
 std::string dims(std::initializer_list<std::string> parts) {
   std::string s = "(";
   bool first = true;
@@ -398,8 +381,7 @@ PYBIND11_MODULE(_core, m) {
           [](const knnmem::Memory& self, const py::array& queries, int64_t k, double recall_target,
              const std::optional<py::tuple>& out) {
             const int64_t G = self.grid();
-            checked_k(k, self.capacity());
-            checked_recall_target(recall_target);
+            knnmem::check_search_options(k, recall_target, self.capacity());
             const float* q =
                 checked_input(queries, "queries", G, -1, self.key_dim(),
                               dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
@@ -500,8 +482,7 @@ PYBIND11_MODULE(_core, m) {
         const knnmem::Metric parsed = knnmem::parse_metric(metric);
         knnmem::SearchOptions options{k, recall_target, parsed};
         options.score_format = knnmem::parse_score_format(precision);
-        checked_k(k, view.capacity);
-        checked_recall_target(recall_target);
+        knnmem::check_search_options(k, recall_target, view.capacity);
         const float* q =
             checked_input(queries, "queries", view.grid, -1, view.key_dim,
                           dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
@@ -548,6 +529,9 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("capacity"),
       "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");
+  m.def("check_search_options", &knnmem::check_search_options, py::arg("k"),
+        py::arg("recall_target"), py::arg("capacity"),
+        "The core's rules for k and recall_target (ValueError naming the argument).");
   m.def("expected_recall", &knnmem::expected_recall, py::arg("num_bins"), py::arg("k"));
   m.def("bins_for_recall", &knnmem::bins_for_recall, py::arg("k"), py::arg("recall_target"));
   m.def(

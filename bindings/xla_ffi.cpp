@@ -147,17 +147,9 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     const int64_t nq = qd[qd.size() - 2];
 
     // attributes
-    if (k < 1 || k > capacity) {
-      return invalid("k: expected an integer in [1, capacity=" + std::to_string(capacity) +
-                     "], got " + std::to_string(k));
-    }
-    if (!(recall_target > 0.0 && recall_target <= 1.0)) {
-      std::ostringstream s;
-      s << "recall_target: expected a number in (0, 1], got " << recall_target;
-      return invalid(s.str());
-    }
     knnmem::Metric metric;
     try {
+      knnmem::check_search_options(k, recall_target, capacity);
       metric = knnmem::parse_metric(std::string(metric_name));
     } catch (const knnmem::InvalidArgument& e) {
       return invalid(e.what());

@@ -1,3 +1,4 @@
+#include <charconv>
 #include <cmath>
 #include <string>
 
@@ -66,12 +67,35 @@ double expected_recall(int64_t num_bins, int64_t k) {
   return (L / kk) * hit;
 }
 
+namespace {
+
+// The shortest text that reads back as `x` (as Python's repr, less its ".0").
+std::string shortest(double x) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
+
+void check_recall_target(double recall_target) {
+  if (!(recall_target > 0.0 && recall_target <= 1.0)) {  // also NaN
+    throw InvalidArgument("recall_target: expected a number in (0, 1], got " +
+                          shortest(recall_target));
+  }
+}
+
+}  // namespace
+
+void check_search_options(int64_t k, double recall_target, int64_t capacity) {
+  if (k < 1 || k > capacity) {
+    throw InvalidArgument("k: expected an integer in [1, capacity=" + std::to_string(capacity) +
+                          "], got " + std::to_string(k));
+  }
+  check_recall_target(recall_target);
+}
+
 int64_t bins_for_recall(int64_t k, double recall_target) {
   if (k < 1) throw InvalidArgument("k: expected an integer >= 1, got " + std::to_string(k));
-  if (!(recall_target > 0.0 && recall_target <= 1.0)) {
-    throw InvalidArgument("recall_target: expected a number in (0, 1], got " +
-                          std::to_string(recall_target));
-  }
+  check_recall_target(recall_target);
   if (recall_target >= 1.0 || k > kMaxBins) return 0;
   if (expected_recall(k, k) >= recall_target) return k;
   // r(L) >= 1 - (k - 1) / (2L), so this upper bound always meets the target. It is

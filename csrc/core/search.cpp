@@ -707,10 +707,7 @@ void search_snapshot(const MemoryView& memory, const float* queries, int64_t num
 
 void search(const MemoryView& memory, const float* queries, int64_t num_queries,
             const SearchOptions& options, const SearchOutput& out) {
-  if (options.k < 1 || options.k > memory.capacity) {
-    throw InvalidArgument("k: expected an integer in [1, capacity=" +
-                          std::to_string(memory.capacity) + "], got " + std::to_string(options.k));
-  }
+  check_search_options(options.k, options.recall_target, memory.capacity);
   // A caller-owned ring may be changed by another thread during the call. Its
   // counters are read once, here: every slot range, mask and stream position
   // below comes from this snapshot, so a concurrent add or clear can make the

@@ -1140,14 +1140,7 @@ int64_t bins_for_search(int64_t k, double recall_target, KeyDType dtype) {
 
 SearchPlan plan_search(int64_t grid, int64_t capacity, int64_t key_dim, int64_t num_queries,
                        int64_t k, double recall_target, KeyDType dtype, int64_t workspace_limit) {
-  if (k < 1 || k > capacity) {
-    throw InvalidArgument("k: expected an integer in [1, capacity=" + std::to_string(capacity) +
-                          "], got " + std::to_string(k));
-  }
-  if (!(recall_target > 0.0 && recall_target <= 1.0)) {
-    throw InvalidArgument("recall_target: expected a number in (0, 1], got " +
-                          std::to_string(recall_target));
-  }
+  check_search_options(k, recall_target, capacity);
   if (tiles_bytes(key_dim, dtype) > kSmemBudget) {
     throw InvalidArgument("key_dim: " + std::to_string(key_dim) +
                           " is too large for the CUDA search kernel (its query and key tiles "

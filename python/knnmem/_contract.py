@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _core
 from ._arrays import INT64_MAX, check_int, int_str, to_framework
 
 KEY_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -68,29 +69,33 @@ def check_sizes(capacity: Any, key_dim: Any, value_dim: Any) -> tuple[int, int, 
 
 
 def check_recall_target(recall_target: Any) -> float:
-    """recall_target as a float in (0, 1]: TypeError for non-numbers (bool included),
-    ValueError for anything else outside (NaN, infinities, ints too large for a float)."""
+    """recall_target converted to a float: TypeError for non-numbers (bool included).
+    The range rule, (0, 1], is the core's (knnmem._core.check_search_options /
+    bins_for_search), applied by whatever the value is passed to; only ints beyond a
+    float's range, which the core cannot be given, are refused here."""
     real = (int, float, np.integer, np.floating)
     if isinstance(recall_target, (bool, np.bool_)) or not isinstance(recall_target, real):
         raise TypeError(
             f"recall_target: expected a number in (0, 1], got {type(recall_target).__name__}"
         )
-    if isinstance(recall_target, (int, np.integer)):  # exactly, before float() can overflow
-        if int(recall_target) != 1:
-            shown = int_str(int(recall_target))
-            raise ValueError(f"recall_target: expected a number in (0, 1], got {shown}")
-        return 1.0
-    recall_target = float(recall_target)
-    if not (0.0 < recall_target <= 1.0):  # also rejects NaN
-        raise ValueError(f"recall_target: expected a number in (0, 1], got {recall_target}")
-    return recall_target
+    if isinstance(recall_target, (int, np.integer)):
+        value = int(recall_target)
+        try:
+            return float(value)
+        except OverflowError:
+            shown = int_str(value)
+            raise ValueError(f"recall_target: expected a number in (0, 1], got {shown}") from None
+    return float(recall_target)
 
 
 def check_search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]:
+    """(k, recall_target) converted and checked against the core's rules."""
     k = check_int(k, "k", maximum=None)
-    if not 1 <= k <= capacity:
+    recall_target = check_recall_target(recall_target)
+    if not -INT64_MAX - 1 <= k <= INT64_MAX:  # beyond what the core can be given
         raise ValueError(f"k: expected an integer in [1, capacity={capacity}], got {int_str(k)}")
-    return k, check_recall_target(recall_target)
+    _core.check_search_options(k, recall_target, capacity)
+    return k, recall_target
 
 
 def wrap_result(raw: tuple, shape: tuple[int, ...], framework: str) -> SearchResult:

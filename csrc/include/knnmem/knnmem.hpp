@@ -92,6 +92,12 @@ const char* metric_name(Metric metric);
 // expected fraction of the top-k that survives is
 //     r(L) = (L / k) * (1 - (1 - 1/L)^k).
 double expected_recall(int64_t num_bins, int64_t k);
+// The argument rules of a search, owned here and applied by every front end
+// (the pybind11 module, the XLA FFI handlers, the CUDA planner, and through
+// knnmem._core the Python layers): k in [1, capacity], recall_target in (0, 1].
+// Throws InvalidArgument naming the argument, with the message users see.
+void check_search_options(int64_t k, double recall_target, int64_t capacity);
+
 // Smallest L >= k with expected_recall(L, k) >= recall_target, or 0 (exact
 // search) when recall_target >= 1 or when that L would exceed kMaxBins: no
 // memory has that many slots (capacity <= 2^31 - 1), and a search with L >= the
