@@ -156,7 +156,7 @@ class DeviceMemory {
   int device() const { return device_; }
   int64_t nbytes() const { return nbytes_; }
   std::string metric() const { return knnmem::metric_name(metric_); }
-  std::string dtype() const { return kc::key_dtype_name(dtype_); }
+  std::string dtype() const { return knnmem::key_format_name(dtype_); }
   uintptr_t keys_ptr() const { return reinterpret_cast<uintptr_t>(keys_.get()); }
   uintptr_t values_ptr() const { return reinterpret_cast<uintptr_t>(values_.get()); }
   uintptr_t written_ptr() const { return reinterpret_cast<uintptr_t>(written_.get()); }
@@ -292,7 +292,7 @@ class DeviceMemory {
 
   int64_t grid_, capacity_, key_dim_, value_dim_;
   knnmem::Metric metric_;
-  kc::KeyDType dtype_;
+  knnmem::KeyFormat dtype_;
   int device_;
   int64_t nbytes_ = 0;
   DeviceBuffer keys_, values_, written_, slot_of_, offset_of_;
@@ -329,7 +329,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "bins_for_search",
       [](int64_t k, double r, const std::string& dtype) {
-        return kc::bins_for_search(k, r, kc::parse_key_dtype(dtype));
+        return knnmem::bins_for_search(k, r, kc::parse_key_dtype(dtype));
       },
       py::arg("k"), py::arg("recall_target"), py::arg("dtype"));
   m.def(
@@ -360,29 +360,46 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("grid"), py::arg("capacity"), py::arg("key_dim"), py::arg("num_queries"),
       py::arg("k"), py::arg("recall_target"), py::arg("dtype"));
 
-  // Raw entry points on caller-owned device buffers (ring layout, int64 written).
+  // Raw entry points on caller-owned device buffers (ring layout). Device
+  // pointers travel as integers; a search takes two descriptors, the ring and
+  // its outputs, and keyword arguments, rather than two dozen positional ones.
+  py::class_<kc::RingView>(m, "Ring", "A caller-owned device ring (see knnmem_cuda.hpp).")
+      .def(py::init([](uintptr_t keys, const std::string& dtype, uintptr_t values,
+                       uintptr_t written, uintptr_t offset_of, int64_t grid, int64_t capacity,
+                       int64_t key_dim, int64_t value_dim, bool written_int32) {
+             kc::RingView r;
+             r.keys = ptr<const void>(keys);
+             r.key_dtype = kc::parse_key_dtype(dtype);
+             r.values = ptr<const float>(values);
+             r.written = ptr<const void>(written);
+             r.written_is_int32 = written_int32;
+             r.offset_of = ptr<const int32_t>(offset_of);
+             r.grid = grid;
+             r.capacity = capacity;
+             r.key_dim = key_dim;
+             r.value_dim = value_dim;
+             return r;
+           }),
+           py::kw_only(), py::arg("keys"), py::arg("dtype"), py::arg("values"), py::arg("written"),
+           py::arg("offset_of"), py::arg("grid"), py::arg("capacity"), py::arg("key_dim"),
+           py::arg("value_dim"), py::arg("written_int32") = false);
+  py::class_<kc::SearchOutput>(m, "Outputs",
+                               "Device result buffers of a search; keys/values 0: not gathered.")
+      .def(py::init([](uintptr_t scores, uintptr_t indices, uintptr_t mask, uintptr_t keys,
+                       uintptr_t values) {
+             return kc::SearchOutput{ptr<float>(scores), ptr<void>(indices), ptr<bool>(mask),
+                                     ptr<float>(keys), ptr<float>(values)};
+           }),
+           py::kw_only(), py::arg("scores"), py::arg("indices"), py::arg("mask"),
+           py::arg("keys") = 0, py::arg("values") = 0);
   m.def(
       "search",
-      [](uintptr_t keys, const std::string& dtype, uintptr_t values, uintptr_t written,
-         uintptr_t offset_of, int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
-         uintptr_t queries, int64_t num_queries, int64_t k, double recall_target,
-         const std::string& metric, uintptr_t scores, uintptr_t indices, uintptr_t mask,
-         uintptr_t out_keys, uintptr_t out_values, uintptr_t workspace, int64_t workspace_bytes,
-         uintptr_t stream, int device, bool written_int32) {
-        kc::RingView r;
-        r.keys = ptr<const void>(keys);
-        r.values = ptr<const float>(values);
-        r.written = ptr<const void>(written);
-        r.written_is_int32 = written_int32;
-        r.offset_of = ptr<const int32_t>(offset_of);
-        r.grid = grid;
-        r.capacity = capacity;
-        r.key_dim = key_dim;
-        r.value_dim = value_dim;
-        r.key_dtype = kc::parse_key_dtype(dtype);
+      [](const kc::RingView& ring, uintptr_t queries, int64_t num_queries, int64_t k,
+         double recall_target, const std::string& metric, const kc::SearchOutput& out,
+         uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream, int device) {
         const knnmem::Metric met = metric_of(metric);
-        const kc::SearchPlan plan =
-            kc::plan_search(grid, capacity, key_dim, num_queries, k, recall_target, r.key_dtype);
+        const kc::SearchPlan plan = kc::plan_search(ring.grid, ring.capacity, ring.key_dim,
+                                                    num_queries, k, recall_target, ring.key_dtype);
         if (workspace_bytes < plan.workspace_bytes) {
           throw knnmem::InvalidArgument("workspace: expected at least " +
                                         std::to_string(plan.workspace_bytes) + " bytes, got " +
@@ -390,27 +407,21 @@ PYBIND11_MODULE(_cuda, m) {
         }
         knnmem_bindings::without_gil([&] {
           DeviceGuard guard(device);
-          kc::search(r, ptr<const float>(queries), num_queries, k, met, plan, ptr<void>(workspace),
-                     {ptr<float>(scores), ptr<void>(indices), ptr<bool>(mask), ptr<float>(out_keys),
-                      ptr<float>(out_values)},
-                     stream_of(stream));
+          kc::search(ring, ptr<const float>(queries), num_queries, k, met, plan,
+                     ptr<void>(workspace), out, stream_of(stream));
         });
       },
-      py::arg("keys"), py::arg("dtype"), py::arg("values"), py::arg("written"),
-      py::arg("offset_of"), py::arg("grid"), py::arg("capacity"), py::arg("key_dim"),
-      py::arg("value_dim"), py::arg("queries"), py::arg("num_queries"), py::arg("k"),
-      py::arg("recall_target"), py::arg("metric"), py::arg("scores"), py::arg("indices"),
-      py::arg("mask"), py::arg("out_keys"), py::arg("out_values"), py::arg("workspace"),
+      py::arg("ring"), py::kw_only(), py::arg("queries"), py::arg("num_queries"), py::arg("k"),
+      py::arg("recall_target"), py::arg("metric"), py::arg("out"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"), py::arg("device"),
-      py::arg("written_int32") = false,
-      "Search on caller-owned device buffers. written_int32: written is int32 and the "
-      "indices are written as int32 (as XLA without x64 keeps them).");
+      "Search a caller-owned device ring (Ring) into device buffers (Outputs). Indices are "
+      "int32 where the ring's written is (as XLA without x64 keeps them).");
   m.def(
       "add",
       [](uintptr_t keys, const std::string& dtype, uintptr_t values, uintptr_t written,
          uintptr_t slot_of, int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
          uintptr_t new_keys, uintptr_t new_values, int64_t num_rows, uintptr_t stream, int device) {
-        const kc::KeyDType dt = kc::parse_key_dtype(dtype);
+        const knnmem::KeyFormat dt = kc::parse_key_dtype(dtype);
         knnmem_bindings::without_gil([&] {
           DeviceGuard guard(device);
           kc::add(ptr<void>(keys), dt, ptr<float>(values), ptr<int64_t>(written),

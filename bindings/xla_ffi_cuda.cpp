@@ -50,16 +50,16 @@ ffi::Error SearchCudaImpl(cudaStream_t stream, ffi::AnyBuffer keys, ffi::AnyBuff
                           std::string_view metric_name) {
   try {
     namespace kc = knnmem::cuda;
-    kc::KeyDType dtype;
+    knnmem::KeyFormat dtype;
     switch (keys.element_type()) {
       case ffi::DataType::F32:
-        dtype = kc::KeyDType::kFloat32;
+        dtype = knnmem::KeyFormat::kFloat32;
         break;
       case ffi::DataType::BF16:
-        dtype = kc::KeyDType::kBFloat16;
+        dtype = knnmem::KeyFormat::kBFloat16;
         break;
       case ffi::DataType::F16:
-        dtype = kc::KeyDType::kFloat16;
+        dtype = knnmem::KeyFormat::kFloat16;
         break;
       default:
         return invalid("keys: expected dtype float32, bfloat16 or float16");

@@ -154,13 +154,16 @@ def test_emulated_raw_entry_points(emulated) -> None:
     mask = np.zeros((g, 4, k), bool)
     out_k = np.zeros((g, 4, k, d), np.float32)
     out_v = np.zeros((g, 4, k, d), np.float32)
+    ring = emulated.Ring(keys=ptr(keys), dtype="float32", values=ptr(values),
+                         written=ptr(written), offset_of=ptr(offset_of), grid=g, capacity=cap,
+                         key_dim=d, value_dim=d)  # fmt: skip
+    buffers = emulated.Outputs(scores=ptr(scores), indices=ptr(indices), mask=ptr(mask),
+                               keys=ptr(out_k), values=ptr(out_v))  # fmt: skip
+    args = dict(queries=ptr(q), num_queries=4, k=k, recall_target=0.9, metric="ip", out=buffers,
+                workspace=ptr(workspace), stream=0, device=0)  # fmt: skip
     with pytest.raises(ValueError, match="workspace: expected at least"):
-        emulated.search(ptr(keys), "float32", ptr(values), ptr(written), ptr(offset_of), g, cap,
-                        d, d, ptr(q), 4, k, 0.9, "ip", ptr(scores), ptr(indices), ptr(mask),
-                        ptr(out_k), ptr(out_v), ptr(workspace), ws - 1, 0, 0)  # fmt: skip
-    emulated.search(ptr(keys), "float32", ptr(values), ptr(written), ptr(offset_of), g, cap, d, d,
-                    ptr(q), 4, k, 0.9, "ip", ptr(scores), ptr(indices), ptr(mask), ptr(out_k),
-                    ptr(out_v), ptr(workspace), ws, 0, 0)  # fmt: skip
+        emulated.search(ring, workspace_bytes=ws - 1, **args)
+    emulated.search(ring, workspace_bytes=ws, **args)
     want = knnmem.ops.search(keys, values, written, q, k=k, recall_target=0.9)
     np.testing.assert_array_equal(indices, want.indices)
     np.testing.assert_array_equal(mask, want.mask)
@@ -188,9 +191,14 @@ def test_emulated_int32_counters(emulated) -> None:
     out = [np.zeros((g, nq, k), t) for t in (np.float32, np.int32, bool)]
     out += [np.zeros((g, nq, k, d), np.float32) for _ in range(2)]
     ptr = lambda a: a.ctypes.data  # noqa: E731
-    emulated.search(ptr(keys), "float32", ptr(values), ptr(written32), ptr(offset_of), g, cap, d,
-                    d, ptr(q), nq, k, 0.9, "ip", *(ptr(a) for a in out), ptr(ws), ws.size, 0, 0,
-                    written_int32=True)  # fmt: skip
+    ring = emulated.Ring(keys=ptr(keys), dtype="float32", values=ptr(values),
+                         written=ptr(written32), offset_of=ptr(offset_of), grid=g, capacity=cap,
+                         key_dim=d, value_dim=d, written_int32=True)  # fmt: skip
+    buffers = emulated.Outputs(scores=ptr(out[0]), indices=ptr(out[1]), mask=ptr(out[2]),
+                               keys=ptr(out[3]), values=ptr(out[4]))  # fmt: skip
+    emulated.search(ring, queries=ptr(q), num_queries=nq, k=k, recall_target=0.9, metric="ip",
+                    out=buffers, workspace=ptr(ws), workspace_bytes=ws.size, stream=0,
+                    device=0)  # fmt: skip
     np.testing.assert_array_equal(out[1], want.indices)
     np.testing.assert_array_equal(out[2], want.mask)
     np.testing.assert_array_equal(out[3], want.keys)

@@ -938,8 +938,8 @@ constexpr int score_query_tile() {
 }
 
 // Shared memory of a score block with one key tile (the least it can run with).
-int64_t tiles_bytes(int64_t dim, KeyDType dtype) {
-  return dtype == KeyDType::kFloat32
+int64_t tiles_bytes(int64_t dim, KeyFormat dtype) {
+  return dtype == KeyFormat::kFloat32
              ? score_smem<float>(dim, 1, score_query_tile<float>()).total
              : score_smem<__half>(dim, 1, score_query_tile<__half>()).total;  // bf16, fp16
 }
@@ -1111,35 +1111,15 @@ void launch_search(const RingView& ring, const float* queries, int64_t num_queri
 
 }  // namespace
 
-KeyDType parse_key_dtype(const std::string& name) {
-  if (name == "float32") return KeyDType::kFloat32;
-  if (name == "bfloat16") return KeyDType::kBFloat16;
-  if (name == "float16") return KeyDType::kFloat16;
+KeyFormat parse_key_dtype(const std::string& name) {
+  for (const KeyFormat f : {KeyFormat::kFloat32, KeyFormat::kBFloat16, KeyFormat::kFloat16}) {
+    if (name == key_format_name(f)) return f;
+  }
   throw InvalidArgument("dtype: expected 'float32', 'bfloat16' or 'float16', got '" + name + "'");
 }
 
-const char* key_dtype_name(KeyDType dtype) {
-  switch (dtype) {
-    case KeyDType::kBFloat16:
-      return "bfloat16";
-    case KeyDType::kFloat16:
-      return "float16";
-    default:
-      return "float32";
-  }
-}
-
-int64_t key_dtype_size(KeyDType dtype) { return dtype == KeyDType::kFloat32 ? 4 : 2; }
-
-int64_t bins_for_search(int64_t k, double recall_target, KeyDType dtype) {
-  const KeyFormat format = dtype == KeyDType::kFloat32    ? KeyFormat::kFloat32
-                           : dtype == KeyDType::kBFloat16 ? KeyFormat::kBFloat16
-                                                          : KeyFormat::kFloat16;
-  return knnmem::bins_for_search(k, recall_target, format);
-}
-
 SearchPlan plan_search(int64_t grid, int64_t capacity, int64_t key_dim, int64_t num_queries,
-                       int64_t k, double recall_target, KeyDType dtype, int64_t workspace_limit) {
+                       int64_t k, double recall_target, KeyFormat dtype, int64_t workspace_limit) {
   check_search_options(k, recall_target, capacity);
   if (tiles_bytes(key_dim, dtype) > kSmemBudget) {
     throw InvalidArgument("key_dim: " + std::to_string(key_dim) +
@@ -1184,10 +1164,10 @@ void search(const RingView& ring, const float* queries, int64_t num_queries, int
   if (num_queries == 0 || ring.grid == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   switch (ring.key_dtype) {
-    case KeyDType::kBFloat16:
+    case KeyFormat::kBFloat16:
       launch_search<__nv_bfloat16>(ring, queries, num_queries, k, metric, plan, workspace, out, s);
       break;
-    case KeyDType::kFloat16:
+    case KeyFormat::kFloat16:
       launch_search<__half>(ring, queries, num_queries, k, metric, plan, workspace, out, s);
       break;
     default:
@@ -1195,7 +1175,7 @@ void search(const RingView& ring, const float* queries, int64_t num_queries, int
   }
 }
 
-void add(void* keys, KeyDType dtype, float* values, int64_t* written, const int32_t* slot_of,
+void add(void* keys, KeyFormat dtype, float* values, int64_t* written, const int32_t* slot_of,
          int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, const float* new_keys,
          const float* new_values, int64_t num_rows, void* stream) {
   if (num_rows == 0 || grid == 0) return;
@@ -1204,12 +1184,12 @@ void add(void* keys, KeyDType dtype, float* values, int64_t* written, const int3
   const unsigned blocks = blocks_for(grid * (num_rows - first), 1);
   const unsigned threads = 128;
   switch (dtype) {
-    case KeyDType::kBFloat16:
+    case KeyFormat::kBFloat16:
       add_kernel<__nv_bfloat16><<<blocks, threads, 0, s>>>(
           static_cast<__nv_bfloat16*>(keys), values, written, slot_of, grid, capacity, key_dim,
           value_dim, new_keys, new_values, num_rows, first);
       break;
-    case KeyDType::kFloat16:
+    case KeyFormat::kFloat16:
       add_kernel<__half><<<blocks, threads, 0, s>>>(static_cast<__half*>(keys), values, written,
                                                     slot_of, grid, capacity, key_dim, value_dim,
                                                     new_keys, new_values, num_rows, first);

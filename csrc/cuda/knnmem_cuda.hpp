@@ -30,15 +30,12 @@
 
 namespace knnmem::cuda {
 
-enum class KeyDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
+// Keys on the device are stored as the core's KeyFormat: float32, bfloat16 or
+// float16 (there are no CUDA kernels for int8 keys).
 // Parses "float32" | "bfloat16" | "float16"; throws InvalidArgument naming `dtype`.
-KeyDType parse_key_dtype(const std::string& name);
-const char* key_dtype_name(KeyDType dtype);
-int64_t key_dtype_size(KeyDType dtype);
-// Bins a search uses: the core's bins_for_search for the same key format
-// (16-bit keys are rounded keys: target raised as for the CPU's). 0 = exact.
-int64_t bins_for_search(int64_t k, double recall_target, KeyDType dtype);
+KeyFormat parse_key_dtype(const std::string& name);
+// Bytes of one key element on the device: 4 or 2.
+inline int64_t key_dtype_size(KeyFormat dtype) { return dtype == KeyFormat::kFloat32 ? 4 : 2; }
 
 struct RingView {
   const void* keys = nullptr;
@@ -50,7 +47,7 @@ struct RingView {
   int64_t capacity = 0;
   int64_t key_dim = 0;
   int64_t value_dim = 0;
-  KeyDType key_dtype = KeyDType::kFloat32;
+  KeyFormat key_dtype = KeyFormat::kFloat32;
 };
 
 // Search outputs, [G][Q][k](...) device buffers. indices are int64, or int32
@@ -80,7 +77,7 @@ inline constexpr int64_t kDefaultWorkspaceLimit = int64_t{1} << 30;
 // Throws InvalidArgument for k outside [1, capacity], recall_target outside
 // (0, 1], or a key_dim the kernels cannot hold in shared memory.
 SearchPlan plan_search(int64_t grid, int64_t capacity, int64_t key_dim, int64_t num_queries,
-                       int64_t k, double recall_target, KeyDType dtype,
+                       int64_t k, double recall_target, KeyFormat dtype,
                        int64_t workspace_limit = kDefaultWorkspaceLimit);
 
 // queries [G][Q][key_dim] float32. workspace: at least plan.workspace_bytes,
@@ -94,7 +91,7 @@ void search(const RingView& ring, const float* queries, int64_t num_queries, int
 // [G][T][value_dim] float32; keys are rounded to the ring's dtype (nearest
 // even). written (int64) advances by T; only the last `capacity` rows are
 // stored.
-void add(void* keys, KeyDType dtype, float* values, int64_t* written, const int32_t* slot_of,
+void add(void* keys, KeyFormat dtype, float* values, int64_t* written, const int32_t* slot_of,
          int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim, const float* new_keys,
          const float* new_values, int64_t num_rows, void* stream);
 

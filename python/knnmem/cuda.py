@@ -265,12 +265,19 @@ def torch_search(
         torch.empty(dims, dtype=torch.bool, device=device),
     )
     row_ptrs = [0 if a is None else a.data_ptr() for a in rows]
+    ring = cuda.Ring(
+        keys=keys.data_ptr(), dtype=dtype, values=values.data_ptr(), written=written.data_ptr(),
+        offset_of=offset_of.data_ptr(), grid=grid, capacity=capacity, key_dim=key_dim,
+        value_dim=value_dim,
+    )  # fmt: skip
+    buffers = cuda.Outputs(
+        scores=out[0].data_ptr(), indices=out[1].data_ptr(), mask=out[4].data_ptr(),
+        keys=row_ptrs[0], values=row_ptrs[1],
+    )  # fmt: skip
     cuda.search(
-        keys.data_ptr(), dtype, values.data_ptr(), written.data_ptr(), offset_of.data_ptr(),
-        grid, capacity, key_dim, value_dim, q.data_ptr(), nq, k, recall_target, metric,
-        out[0].data_ptr(), out[1].data_ptr(), out[4].data_ptr(), *row_ptrs,
-        workspace.data_ptr(), ws_bytes,
-        torch.cuda.current_stream(device).cuda_stream, index,
+        ring, queries=q.data_ptr(), num_queries=nq, k=k, recall_target=recall_target,
+        metric=metric, out=buffers, workspace=workspace.data_ptr(), workspace_bytes=ws_bytes,
+        stream=torch.cuda.current_stream(device).cuda_stream, device=index,
     )  # fmt: skip
     return out
 
