@@ -305,241 +305,237 @@ py::array_t<int64_t> to_numpy(const std::vector<int64_t>& v) {
   return out;
 }
 
+// --- The module's functions, one per entry, bound by the table below ----------
+
+void translate_errors(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const InvalidArgument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::length_error& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what());
+  } catch (const knnmem::AllocationError& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what());
+  }
+}
+
+knnmem::Memory* memory_new(int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
+                           const std::string& metric, const std::string& dtype) {
+  return new knnmem::Memory(grid, capacity, key_dim, value_dim, knnmem::parse_metric(metric),
+                            knnmem::parse_key_format(dtype));
+}
+
+std::string memory_dtype(const knnmem::Memory& self) {
+  return knnmem::key_format_name(self.key_format());
+}
+std::string memory_metric(const knnmem::Memory& self) { return knnmem::metric_name(self.metric()); }
+py::array_t<int64_t> memory_written(const knnmem::Memory& self) { return to_numpy(self.written()); }
+py::array_t<int64_t> memory_count(const knnmem::Memory& self) { return to_numpy(self.count()); }
+
+void memory_add(knnmem::Memory& self, const py::array& keys, const py::array& values) {
+  const int64_t G = self.grid();
+  const int64_t T = rows_of(keys);
+  const float* k = checked_shape(keys, "keys", G, T, self.key_dim(),
+                                 dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
+  const float* v =
+      checked_shape(values, "values", G, T, self.value_dim(),
+                    dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
+  // Keys must stay finite in the stored format (save -> load round-trips
+  // exactly what add accepted).
+  const knnmem::KeyFormat f = self.key_format();
+  Staging staging(static_cast<std::size_t>(keys.size()), static_cast<std::size_t>(values.size()));
+  const float* sk =
+      f == knnmem::KeyFormat::kFloat16
+          ? staging.stage(0, k, keys, "keys", 65504.0f, "values within +-65504 for float16 keys")
+      : f == knnmem::KeyFormat::kBFloat16
+          ? staging.stage(0, k, keys, "keys", bf16_limit(),
+                          "values within +-3.3961773e+38 for bfloat16 keys")
+      : f == knnmem::KeyFormat::kInt8 ? staging.stage(0, k, keys, "keys", int8_limit(),
+                                                      "values within +-3.4028233e+38 for int8 keys")
+                                      : staging.stage(0, k, keys, "keys");
+  const float* sv = staging.stage(1, v, values, "values");
+  check_room(self.written().data(), G, T, "keys");
+  without_gil([&] { self.add(sk, sv, T); });
+}
+
+py::tuple memory_search(const knnmem::Memory& self, const py::array& queries, int64_t k,
+                        double recall_target, const std::optional<py::tuple>& out) {
+  const int64_t G = self.grid();
+  knnmem::check_search_options(k, recall_target, self.capacity());
+  const float* q = checked_input(queries, "queries", G, -1, self.key_dim(),
+                                 dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
+  const int64_t nq = rows_of(queries);
+  return run_search(
+      G, nq, k, self.key_dim(), self.value_dim(), out,
+      [&](const knnmem::SearchOutput& o) { self.search(q, nq, k, recall_target, o); });
+}
+
+void memory_clear(knnmem::Memory& self, std::optional<py::array_t<bool, py::array::c_style>> mask) {
+  if (!mask) {
+    self.clear(nullptr);
+    return;
+  }
+  check_shape(*mask, "which", {self.grid()}, dims({named("grid", self.grid())}));
+  self.clear(reinterpret_cast<const uint8_t*>(mask->data()));
+}
+
+// The stored state, for knnmem.Memory.save / load (docs/format.md).
+py::tuple memory_export_state(const knnmem::Memory& self) {
+  const py::ssize_t G = self.grid(), C = self.capacity();
+  const knnmem::KeyFormat f = self.key_format();
+  py::dtype key_dtype = f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+                        : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                                         : py::dtype::of<uint16_t>();
+  py::array keys(key_dtype, std::vector<py::ssize_t>{G, C, self.key_dim()});
+  py::array values(py::dtype::of<float>(), std::vector<py::ssize_t>{G, C, self.value_dim()});
+  py::array written(py::dtype::of<int64_t>(), std::vector<py::ssize_t>{G});
+  py::object scale = py::none();
+  knnmem::Memory::State out{keys.mutable_data(), nullptr,
+                            static_cast<float*>(values.mutable_data()),
+                            static_cast<int64_t*>(written.mutable_data())};
+  if (f == knnmem::KeyFormat::kInt8) {
+    py::array s(py::dtype::of<float>(), std::vector<py::ssize_t>{G, C});
+    out.key_scale = static_cast<float*>(s.mutable_data());
+    scale = s;
+  }
+  without_gil([&] { self.export_state(out); });
+  return py::make_tuple(keys, scale, values, written);
+}
+
+void memory_import_state(knnmem::Memory& self, const py::array& keys, const py::object& key_scale,
+                         const py::array& values, const py::array& written) {
+  const int64_t G = self.grid(), C = self.capacity();
+  const knnmem::KeyFormat f = self.key_format();
+  auto check = [](const py::array& a, const char* name, py::dtype dtype,
+                  const std::vector<int64_t>& shape) {
+    std::string what = "(";
+    for (std::size_t i = 0; i < shape.size(); ++i) {
+      what += (i ? ", " : "") + std::to_string(shape[i]);
+    }
+    check_shape(a, name, shape, what + ")");
+    const bool aligned = reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0;
+    if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || !aligned) {
+      throw InvalidArgument(std::string(name) + ": expected an aligned C-contiguous " +
+                            std::string(py::str(dtype)) + " array, got " +
+                            std::string(py::str(a.dtype())));
+    }
+  };
+  check(keys, "keys",
+        f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
+        : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
+                                         : py::dtype::of<uint16_t>(),
+        {G, C, self.key_dim()});
+  check(values, "values", py::dtype::of<float>(), {G, C, self.value_dim()});
+  check(written, "written", py::dtype::of<int64_t>(), {G});
+  knnmem::Memory::State in{const_cast<void*>(keys.data()), nullptr,
+                           static_cast<float*>(const_cast<void*>(values.data())),
+                           static_cast<int64_t*>(const_cast<void*>(written.data()))};
+  py::array scale;
+  if (f == knnmem::KeyFormat::kInt8) {
+    if (!py::isinstance<py::array>(key_scale)) {
+      throw InvalidArgument("key_scale: expected a float32 array for int8 keys");
+    }
+    scale = py::reinterpret_borrow<py::array>(key_scale);
+    check(scale, "key_scale", py::dtype::of<float>(), {G, C});
+    in.key_scale = static_cast<float*>(const_cast<void*>(scale.data()));
+  } else if (!key_scale.is_none()) {
+    throw InvalidArgument("key_scale: expected None for " +
+                          std::string(knnmem::key_format_name(f)) + " keys");
+  }
+  without_gil([&] { self.import_state(in); });
+}
+
+py::tuple ring_search(const py::array& keys, const py::array& values, const py::array& written,
+                      const py::array& queries, int64_t k, double recall_target,
+                      const std::string& metric, const std::string& precision) {
+  RingArrays ring = ring_view(keys, values, written, false);
+  const knnmem::MemoryView view = ring.view.as_const();
+  const knnmem::Metric parsed = knnmem::parse_metric(metric);
+  knnmem::SearchOptions options{k, recall_target, parsed};
+  options.score_format = knnmem::parse_score_format(precision);
+  knnmem::check_search_options(k, recall_target, view.capacity);
+  const float* q =
+      checked_input(queries, "queries", view.grid, -1, view.key_dim,
+                    dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
+  const int64_t nq = rows_of(queries);
+  return run_search(
+      view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
+      [&](const knnmem::SearchOutput& out) { knnmem::search(view, q, nq, options, out); });
+}
+
+void ring_add(const py::array& keys, const py::array& values, const py::array& written,
+              const py::array& new_keys, const py::array& new_values) {
+  RingArrays ring = ring_view(keys, values, written, true);
+  const knnmem::MutableMemoryView& view = ring.view;
+  const int64_t T = rows_of(new_keys);
+  const float* nk =
+      checked_shape(new_keys, "new_keys", view.grid, T, view.key_dim,
+                    dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
+  const float* nv = checked_shape(
+      new_values, "new_values", view.grid, T, view.value_dim,
+      dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
+  Staging staging(static_cast<std::size_t>(new_keys.size()),
+                  static_cast<std::size_t>(new_values.size()));
+  const float* sk = staging.stage(0, nk, new_keys, "new_keys");
+  const float* sv = staging.stage(1, nv, new_values, "new_values");
+  check_room(view.written, view.grid, T, "written");
+  without_gil([&] { knnmem::add(view, sk, sv, T); });
+}
+
+py::tuple placement_tables(int64_t capacity) {
+  auto p = knnmem::Placement::shared(capacity);
+  py::array_t<int32_t> slot_of(capacity), offset_of(capacity);
+  std::memcpy(slot_of.mutable_data(), p->slot_of(), sizeof(int32_t) * capacity);
+  std::memcpy(offset_of.mutable_data(), p->offset_of(), sizeof(int32_t) * capacity);
+  return py::make_tuple(slot_of, offset_of);
+}
+
+int64_t bins_for_search(int64_t k, double recall_target, const std::string& dtype) {
+  return knnmem::bins_for_search(k, recall_target, knnmem::parse_key_format(dtype));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "knnmem C++ core (see knnmem.Memory for the public API)";
-
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const InvalidArgument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const std::length_error& e) {
-      PyErr_SetString(PyExc_MemoryError, e.what());
-    } catch (const knnmem::AllocationError& e) {
-      PyErr_SetString(PyExc_MemoryError, e.what());
-    }
-  });
+  py::register_exception_translator(&translate_errors);
 
   py::class_<knnmem::Memory>(m, "Memory")
-      .def(py::init([](int64_t grid, int64_t capacity, int64_t key_dim, int64_t value_dim,
-                       const std::string& metric, const std::string& dtype) {
-             return new knnmem::Memory(grid, capacity, key_dim, value_dim,
-                                       knnmem::parse_metric(metric),
-                                       knnmem::parse_key_format(dtype));
-           }),
-           py::arg("grid"), py::arg("capacity"), py::arg("key_dim"), py::arg("value_dim"),
-           py::arg("metric") = "ip", py::arg("dtype") = "float32")
-      .def_property_readonly(
-          "dtype",
-          [](const knnmem::Memory& self) { return knnmem::key_format_name(self.key_format()); })
+      .def(py::init(&memory_new), py::arg("grid"), py::arg("capacity"), py::arg("key_dim"),
+           py::arg("value_dim"), py::arg("metric") = "ip", py::arg("dtype") = "float32")
+      .def_property_readonly("dtype", &memory_dtype)
       .def_property_readonly("grid", &knnmem::Memory::grid)
       .def_property_readonly("capacity", &knnmem::Memory::capacity)
       .def_property_readonly("key_dim", &knnmem::Memory::key_dim)
       .def_property_readonly("value_dim", &knnmem::Memory::value_dim)
-      .def_property_readonly(
-          "metric", [](const knnmem::Memory& self) { return knnmem::metric_name(self.metric()); })
+      .def_property_readonly("metric", &memory_metric)
       .def_property_readonly("nbytes", &knnmem::Memory::nbytes)
-      .def_property_readonly("written",
-                             [](const knnmem::Memory& self) { return to_numpy(self.written()); })
-      .def_property_readonly("count",
-                             [](const knnmem::Memory& self) { return to_numpy(self.count()); })
-      .def(
-          "add",
-          [](knnmem::Memory& self, const py::array& keys, const py::array& values) {
-            const int64_t G = self.grid();
-            const int64_t T = rows_of(keys);
-            const float* k =
-                checked_shape(keys, "keys", G, T, self.key_dim(),
-                              dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
-            const float* v = checked_shape(
-                values, "values", G, T, self.value_dim(),
-                dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
-            // Keys must stay finite in the stored format (save -> load round-trips
-            // exactly what add accepted).
-            const knnmem::KeyFormat f = self.key_format();
-            Staging staging(static_cast<std::size_t>(keys.size()),
-                            static_cast<std::size_t>(values.size()));
-            const float* sk = f == knnmem::KeyFormat::kFloat16
-                                  ? staging.stage(0, k, keys, "keys", 65504.0f,
-                                                  "values within +-65504 for float16 keys")
-                              : f == knnmem::KeyFormat::kBFloat16
-                                  ? staging.stage(0, k, keys, "keys", bf16_limit(),
-                                                  "values within +-3.3961773e+38 for bfloat16 keys")
-                              : f == knnmem::KeyFormat::kInt8
-                                  ? staging.stage(0, k, keys, "keys", int8_limit(),
-                                                  "values within +-3.4028233e+38 for int8 keys")
-                                  : staging.stage(0, k, keys, "keys");
-            const float* sv = staging.stage(1, v, values, "values");
-            check_room(self.written().data(), G, T, "keys");
-            without_gil([&] { self.add(sk, sv, T); });
-          },
-          py::arg("keys"), py::arg("values"))
-      .def(
-          "search",
-          [](const knnmem::Memory& self, const py::array& queries, int64_t k, double recall_target,
-             const std::optional<py::tuple>& out) {
-            const int64_t G = self.grid();
-            knnmem::check_search_options(k, recall_target, self.capacity());
-            const float* q =
-                checked_input(queries, "queries", G, -1, self.key_dim(),
-                              dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
-            const int64_t nq = rows_of(queries);
-            return run_search(
-                G, nq, k, self.key_dim(), self.value_dim(), out,
-                [&](const knnmem::SearchOutput& o) { self.search(q, nq, k, recall_target, o); });
-          },
-          py::arg("queries"), py::arg("k"), py::arg("recall_target"), py::arg("out") = py::none())
-      .def(
-          "clear",
-          [](knnmem::Memory& self, std::optional<py::array_t<bool, py::array::c_style>> mask) {
-            if (!mask) {
-              self.clear(nullptr);
-              return;
-            }
-            check_shape(*mask, "which", {self.grid()}, dims({named("grid", self.grid())}));
-            self.clear(reinterpret_cast<const uint8_t*>(mask->data()));
-          },
-          py::arg("mask") = py::none())
-      // Private: the stored state, for knnmem.Memory.save / load (docs/format.md).
-      .def("_export_state",
-           [](const knnmem::Memory& self) {
-             const py::ssize_t G = self.grid(), C = self.capacity();
-             const knnmem::KeyFormat f = self.key_format();
-             py::dtype key_dtype = f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
-                                   : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
-                                                                    : py::dtype::of<uint16_t>();
-             py::array keys(key_dtype, std::vector<py::ssize_t>{G, C, self.key_dim()});
-             py::array values(py::dtype::of<float>(),
-                              std::vector<py::ssize_t>{G, C, self.value_dim()});
-             py::array written(py::dtype::of<int64_t>(), std::vector<py::ssize_t>{G});
-             py::object scale = py::none();
-             knnmem::Memory::State out{keys.mutable_data(), nullptr,
-                                       static_cast<float*>(values.mutable_data()),
-                                       static_cast<int64_t*>(written.mutable_data())};
-             if (f == knnmem::KeyFormat::kInt8) {
-               py::array s(py::dtype::of<float>(), std::vector<py::ssize_t>{G, C});
-               out.key_scale = static_cast<float*>(s.mutable_data());
-               scale = s;
-             }
-             without_gil([&] { self.export_state(out); });
-             return py::make_tuple(keys, scale, values, written);
-           })
-      .def(
-          "_import_state",
-          [](knnmem::Memory& self, const py::array& keys, const py::object& key_scale,
-             const py::array& values, const py::array& written) {
-            const int64_t G = self.grid(), C = self.capacity();
-            const knnmem::KeyFormat f = self.key_format();
-            auto check = [](const py::array& a, const char* name, py::dtype dtype,
-                            const std::vector<int64_t>& shape) {
-              std::string what = "(";
-              for (std::size_t i = 0; i < shape.size(); ++i) {
-                what += (i ? ", " : "") + std::to_string(shape[i]);
-              }
-              check_shape(a, name, shape, what + ")");
-              const bool aligned = reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0;
-              if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || !aligned) {
-                throw InvalidArgument(std::string(name) + ": expected an aligned C-contiguous " +
-                                      std::string(py::str(dtype)) + " array, got " +
-                                      std::string(py::str(a.dtype())));
-              }
-            };
-            check(keys, "keys",
-                  f == knnmem::KeyFormat::kFloat32 ? py::dtype::of<float>()
-                  : f == knnmem::KeyFormat::kInt8  ? py::dtype::of<int8_t>()
-                                                   : py::dtype::of<uint16_t>(),
-                  {G, C, self.key_dim()});
-            check(values, "values", py::dtype::of<float>(), {G, C, self.value_dim()});
-            check(written, "written", py::dtype::of<int64_t>(), {G});
-            knnmem::Memory::State in{const_cast<void*>(keys.data()), nullptr,
-                                     static_cast<float*>(const_cast<void*>(values.data())),
-                                     static_cast<int64_t*>(const_cast<void*>(written.data()))};
-            py::array scale;
-            if (f == knnmem::KeyFormat::kInt8) {
-              if (!py::isinstance<py::array>(key_scale)) {
-                throw InvalidArgument("key_scale: expected a float32 array for int8 keys");
-              }
-              scale = py::reinterpret_borrow<py::array>(key_scale);
-              check(scale, "key_scale", py::dtype::of<float>(), {G, C});
-              in.key_scale = static_cast<float*>(const_cast<void*>(scale.data()));
-            } else if (!key_scale.is_none()) {
-              throw InvalidArgument("key_scale: expected None for " +
-                                    std::string(knnmem::key_format_name(f)) + " keys");
-            }
-            without_gil([&] { self.import_state(in); });
-          },
-          py::arg("keys"), py::arg("key_scale"), py::arg("values"), py::arg("written"));
+      .def_property_readonly("written", &memory_written)
+      .def_property_readonly("count", &memory_count)
+      .def("add", &memory_add, py::arg("keys"), py::arg("values"))
+      .def("search", &memory_search, py::arg("queries"), py::arg("k"), py::arg("recall_target"),
+           py::arg("out") = py::none())
+      .def("clear", &memory_clear, py::arg("mask") = py::none())
+      .def("_export_state", &memory_export_state)
+      .def("_import_state", &memory_import_state, py::arg("keys"), py::arg("key_scale"),
+           py::arg("values"), py::arg("written"));
 
-  m.def(
-      "search",
-      [](const py::array& keys, const py::array& values, const py::array& written,
-         const py::array& queries, int64_t k, double recall_target, const std::string& metric,
-         const std::string& precision) {
-        RingArrays ring = ring_view(keys, values, written, false);
-        const knnmem::MemoryView view = ring.view.as_const();
-        const knnmem::Metric parsed = knnmem::parse_metric(metric);
-        knnmem::SearchOptions options{k, recall_target, parsed};
-        options.score_format = knnmem::parse_score_format(precision);
-        knnmem::check_search_options(k, recall_target, view.capacity);
-        const float* q =
-            checked_input(queries, "queries", view.grid, -1, view.key_dim,
-                          dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
-        const int64_t nq = rows_of(queries);
-        return run_search(
-            view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
-            [&](const knnmem::SearchOutput& out) { knnmem::search(view, q, nq, options, out); });
-      },
-      py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("queries"), py::arg("k"),
-      py::arg("recall_target"), py::arg("metric"), py::arg("precision") = "float32",
-      "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
-
-  m.def(
-      "add",
-      [](const py::array& keys, const py::array& values, const py::array& written,
-         const py::array& new_keys, const py::array& new_values) {
-        RingArrays ring = ring_view(keys, values, written, true);
-        const knnmem::MutableMemoryView& view = ring.view;
-        const int64_t T = rows_of(new_keys);
-        const float* nk =
-            checked_shape(new_keys, "new_keys", view.grid, T, view.key_dim,
-                          dims({named("grid", view.grid), "T", named("key_dim", view.key_dim)}));
-        const float* nv = checked_shape(
-            new_values, "new_values", view.grid, T, view.value_dim,
-            dims({named("grid", view.grid), named("T", T), named("value_dim", view.value_dim)}));
-        Staging staging(static_cast<std::size_t>(new_keys.size()),
-                        static_cast<std::size_t>(new_values.size()));
-        const float* sk = staging.stage(0, nk, new_keys, "new_keys");
-        const float* sv = staging.stage(1, nv, new_values, "new_values");
-        check_room(view.written, view.grid, T, "written");
-        without_gil([&] { knnmem::add(view, sk, sv, T); });
-      },
-      py::arg("keys"), py::arg("values"), py::arg("written"), py::arg("new_keys"),
-      py::arg("new_values"), "Append rows to a caller-owned ring, in place.");
-
-  m.def(
-      "placement",
-      [](int64_t capacity) {
-        auto p = knnmem::Placement::shared(capacity);
-        py::array_t<int32_t> slot_of(capacity), offset_of(capacity);
-        std::memcpy(slot_of.mutable_data(), p->slot_of(), sizeof(int32_t) * capacity);
-        std::memcpy(offset_of.mutable_data(), p->offset_of(), sizeof(int32_t) * capacity);
-        return py::make_tuple(slot_of, offset_of);
-      },
-      py::arg("capacity"),
-      "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");
+  m.def("search", &ring_search, py::arg("keys"), py::arg("values"), py::arg("written"),
+        py::arg("queries"), py::arg("k"), py::arg("recall_target"), py::arg("metric"),
+        py::arg("precision") = "float32",
+        "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
+  m.def("add", &ring_add, py::arg("keys"), py::arg("values"), py::arg("written"),
+        py::arg("new_keys"), py::arg("new_values"),
+        "Append rows to a caller-owned ring, in place.");
+  m.def("placement", &placement_tables, py::arg("capacity"),
+        "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");
   m.def("check_search_options", &knnmem::check_search_options, py::arg("k"),
         py::arg("recall_target"), py::arg("capacity"),
         "The core's rules for k and recall_target (ValueError naming the argument).");
   m.def("expected_recall", &knnmem::expected_recall, py::arg("num_bins"), py::arg("k"));
   m.def("bins_for_recall", &knnmem::bins_for_recall, py::arg("k"), py::arg("recall_target"));
-  m.def(
-      "bins_for_search",
-      [](int64_t k, double recall_target, const std::string& dtype) {
-        return knnmem::bins_for_search(k, recall_target, knnmem::parse_key_format(dtype));
-      },
-      py::arg("k"), py::arg("recall_target"), py::arg("dtype") = "float32");
+  m.def("bins_for_search", &bins_for_search, py::arg("k"), py::arg("recall_target"),
+        py::arg("dtype") = "float32");
   m.def("set_num_threads", &knnmem::set_num_threads, py::arg("num_threads"));
   m.def("set_kernel", &knnmem::set_kernel, py::arg("name"),
         "Force a CPU kernel variant ('avx512', 'avx2', 'portable'); '' = automatic.");
