@@ -1,0 +1,137 @@
+// The search's internals shared by its stages (csrc/core/search*.cpp), not
+// part of the public API: the tuning constants, the plan of a search, and the
+// reduction state of a task.
+//
+//   search.cpp          the entry point: arguments, the counters' snapshot,
+//                       the plan, and the tasks of the scan and finish steps
+//   search_scan.cpp     a task's scan: queries prepared for the metric and key
+//                       format, row-layout keys packed into panels, the kernel
+//   search_results.cpp  a task's finish: partial states merged, the top-k of
+//                       the bin winners (or the exact candidates) selected,
+//                       and results written: scores, positions, keys, values
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "core/select.hpp"
+#include "cpu/kernels.hpp"
+#include "knnmem/knnmem.hpp"
+
+namespace knnmem::search_impl {
+
+// --- Tuning constants (measured on the workloads in bench/run.py) ----------
+// Queries per task, a multiple of the tile heights. Every task streams its
+// memory's keys once, so bigger chunks read them fewer times; 192 queries of
+// bins (223 KB at k=32, r=0.9) still sit in L2 next to a block of keys.
+constexpr int64_t kMaxQueryChunk = 192;
+// Queries merged and finished per task of the last step.
+constexpr int64_t kFinishPiece = 48;
+constexpr int64_t kPackSlots = 512;          // slots packed at a time for row-layout keys
+constexpr int64_t kMinSplitSlots = 8192;     // smallest range of slots worth its own task
+constexpr int64_t kTopKBudget = 64ll << 20;  // bytes of a task's bin or top-k buffers
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row-layout keys are packed into panels by every task that scans them, so a
+// task takes many more queries there: the packing is paid once per slot range.
+constexpr int64_t kMaxRowQueryChunk = 528;
+// Panel memories with more bytes of keys than this copy their results' keys
+// and values once all are found (Gather), smaller ones as each piece of queries
+// is finished, while their panels are still cached; both in panel order.
+constexpr int64_t kGatherInOrderBytes = 4ll << 20;
+// Keys and values of results bigger than this bypass the caches (copy_floats).
+constexpr int64_t kStreamResultBytes = 8ll << 20;
+// Value rows are asked for this many hits before they are copied.
+constexpr int64_t kPrefetchHits = 8;
+// A memory's whole value block is prefetched during its selection where there
+// is at least one hit per kDenseHitRows live rows and the block is at most
+// kMaxPrefetchBytes (so that it is still cached when the rows are copied).
+constexpr int64_t kDenseHitRows = 4;
+constexpr int64_t kMaxPrefetchBytes = 4ll << 20;
+
+using detail::better;
+using detail::Candidate;
+
+// Which slots a memory's search visits. Rows fill placement blocks in order,
+// so a memory that has not wrapped has written whole blocks [0, masked_begin)
+// and part of the block [masked_begin, end): there a slot is live only if the
+// stream offset it holds is < written.
+struct ScanRange {
+  int64_t end = 0;
+  int64_t masked_begin = 0;
+};
+
+inline ScanRange scan_range(int64_t capacity, int64_t written) {
+  if (written >= capacity) return {capacity, capacity};
+  const int64_t block = Placement::kPlacementBlock;
+  const int64_t full = (written / block) * block;
+  const int64_t end = written == full ? full : std::min(capacity, full + block);
+  return {end, full};
+}
+
+// Reduction state of one task: bins or exact top-k buffers, per query.
+struct Partial {
+  std::vector<float> best;
+  std::vector<int32_t> slot;
+  std::vector<float> tk_scores;
+  std::vector<int32_t> tk_slots;
+  std::vector<int64_t> tk_sizes;
+  std::vector<float> tk_thresholds;
+  cpu::TopKBuffers topk;
+
+  void init(int64_t nq, int64_t num_bins, int64_t k, uint32_t* shared_bound = nullptr) {
+    if (num_bins > 0) {
+      best.assign(static_cast<std::size_t>(nq * num_bins), kNegInf);
+      slot.assign(static_cast<std::size_t>(nq * num_bins), -1);
+      return;
+    }
+    const int64_t cap = std::max<int64_t>(2 * k, 256);
+    tk_scores.resize(static_cast<std::size_t>(nq * cap));
+    tk_slots.resize(static_cast<std::size_t>(nq * cap));
+    tk_sizes.assign(static_cast<std::size_t>(nq), 0);
+    tk_thresholds.assign(static_cast<std::size_t>(nq), kNegInf);
+    topk = {tk_scores.data(), tk_slots.data(), tk_sizes.data(), tk_thresholds.data(), cap, k,
+            shared_bound};
+  }
+};
+
+struct Plan {
+  const MemoryView* m;
+  const SearchOptions* opt;
+  const SearchOutput* out;
+  const float* queries;
+  int64_t num_queries;  // per memory
+  int64_t num_bins;     // 0 = exact
+  int64_t q_chunk;
+  int64_t chunks;                // query chunks per memory
+  int64_t splits;                // slot ranges per memory
+  bool stream = false;           // results bypass the caches (copy_floats)
+  int32_t* hit_slots = nullptr;  // [G][Q][k] slots of the results, when keys or values are wanted
+};
+
+// Bins for a memory holding `live` rows; 0 = exact top-k.
+// The format keys are scored in: a panel memory's own, or the one asked for
+// row-layout keys.
+inline KeyFormat scored_format(const MemoryView& m, const SearchOptions& options) {
+  return m.key_layout == KeyLayout::kPanels ? m.key_format : options.score_format;
+}
+
+inline int64_t bins_for(const Plan& p, int64_t live, bool exact) {
+  return exact || p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
+}
+
+// Scans slots [s_begin, s_end) of memory g for queries [q0, q1) into `part`
+// (search_scan.cpp).
+void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
+               bool exact, Partial& part, uint32_t* shared_bound = nullptr);
+
+// Merges the partial states of memory g's slot ranges and writes the results
+// of queries [q0, q1) (search_results.cpp; see there).
+bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, int64_t nparts,
+            bool exact, int64_t first);
+
+// Copies the keys and values of every hit of memories too big for the caches,
+// once all results are known (search_results.cpp).
+void gather(const Plan& p);
+
+}  // namespace knnmem::search_impl
