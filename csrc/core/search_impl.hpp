@@ -69,7 +69,9 @@ inline ScanRange scan_range(int64_t capacity, int64_t written) {
   return {end, full};
 }
 
-// Reduction state of one task: bins or exact top-k buffers, per query.
+// Reduction state of one task: bins or exact top-k buffers, per query. begin()
+// sets it up for the task's queries, the kernel adds scores to it, and the
+// reductions of search_results.cpp (BinReduction, TopKReduction) finish it.
 struct Partial {
   std::vector<float> best;
   std::vector<int32_t> slot;
@@ -79,7 +81,7 @@ struct Partial {
   std::vector<float> tk_thresholds;
   cpu::TopKBuffers topk;
 
-  void init(int64_t nq, int64_t num_bins, int64_t k, uint32_t* shared_bound = nullptr) {
+  void begin(int64_t nq, int64_t num_bins, int64_t k, uint32_t* shared_bound = nullptr) {
     if (num_bins > 0) {
       best.assign(static_cast<std::size_t>(nq * num_bins), kNegInf);
       slot.assign(static_cast<std::size_t>(nq * num_bins), -1);

@@ -332,6 +332,72 @@ class Gather {
   std::vector<PanelOrder> orders_;
 };
 
+// The two reductions of a search share one interface. A task's Partial
+// begins one (Partial::begin: bins, or exact top-k buffers), the kernel adds
+// every score of the task's slot range to it, and at the finish take(parts,
+// nparts, row, out) gives a query's best candidates over every range: it
+// writes them to `out` in result order and returns how many, or -1 when this
+// reduction cannot answer (bins: fewer filled bins than the rows owed, which
+// happens in memories that are not full) and the query is searched exactly.
+class BinReduction {  // strided bins: the top-k of the bin winners
+ public:
+  BinReduction(int64_t num_bins, int64_t k, int64_t owed) : select_(num_bins), k_(k), owed_(owed) {}
+
+  int64_t take(const Partial* parts, int64_t nparts, int64_t row, Candidate* out) {
+    const int64_t filled = select_.merge(parts, nparts, row);
+    if (filled < owed_) return -1;
+    const int64_t n = std::min(k_, filled);
+    select_.select(n, out);
+    return n;
+  }
+
+ private:
+  BinSelect select_;
+  int64_t k_, owed_;
+};
+
+class TopKReduction {  // exact: the top-k of every range's kept candidates
+ public:
+  explicit TopKReduction(int64_t k) : k_(k) {}
+
+  int64_t take(const Partial* parts, int64_t nparts, int64_t row, Candidate* out) {
+    candidates_.clear();
+    for (int64_t s = 0; s < nparts; ++s) {
+      const cpu::TopKBuffers& t = parts[s].topk;
+      for (int64_t i = 0; i < t.sizes[row]; ++i) {
+        candidates_.push_back({t.scores[row * t.capacity + i], t.slots[row * t.capacity + i]});
+      }
+    }
+    // `better` is total (slots differ): selecting, then sorting the few, is partial_sort.
+    const int64_t n = std::min<int64_t>(k_, static_cast<int64_t>(candidates_.size()));
+    const auto end = candidates_.begin() + n;
+    if (end != candidates_.end())
+      std::nth_element(candidates_.begin(), end, candidates_.end(), better);
+    std::sort(candidates_.begin(), end, better);
+    std::copy(candidates_.begin(), end, out);
+    return n;
+  }
+
+ private:
+  int64_t k_;
+  std::vector<Candidate> candidates_;
+};
+
+// Queries [0, nq) of the partial states (rows from `shift`) through a
+// reduction: best[q * k ..], found[q]. False if it could not answer one.
+template <class Reduction>
+bool take_all(Reduction&& reduction, const ValuePrefetch& values, const Partial* parts,
+              int64_t nparts, int64_t shift, int64_t nq, int64_t k, Candidate* best,
+              int64_t* found) {
+  for (int64_t q = 0; q < nq; ++q) {
+    values.step(q);
+    const int64_t n = reduction.take(parts, nparts, q + shift, best + q * k);
+    if (n < 0) return false;
+    found[q] = n;
+  }
+  return true;
+}
+
 }  // namespace
 
 // Merges the partial states of memory g's slot ranges (in ascending order)
@@ -351,34 +417,12 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   std::vector<Candidate> best(static_cast<std::size_t>(nq * k));
   std::vector<int64_t> found(static_cast<std::size_t>(nq), 0);
   const ValuePrefetch values(p, g, nq, scan_range(p.m->capacity, p.m->written[g]).end);
-  if (live > 0 && L > 0) {
-    BinSelect bins(L);
-    for (int64_t q = 0; q < nq; ++q) {
-      values.step(q);
-      const int64_t filled = bins.merge(parts, nparts, q + shift);
-      if (filled < owed) return false;
-      found[q] = std::min(k, filled);
-      bins.select(found[q], best.data() + q * k);
-    }
-  } else if (live > 0) {
-    std::vector<Candidate> c;
-    for (int64_t q = 0; q < nq; ++q) {
-      values.step(q);
-      c.clear();
-      for (int64_t s = 0; s < nparts; ++s) {
-        const cpu::TopKBuffers& t = parts[s].topk;
-        const int64_t row = q + shift;
-        for (int64_t i = 0; i < t.sizes[row]; ++i) {
-          c.push_back({t.scores[row * t.capacity + i], t.slots[row * t.capacity + i]});
-        }
-      }
-      // `better` is total (slots differ): selecting, then sorting the few, is partial_sort.
-      found[q] = std::min<int64_t>(k, static_cast<int64_t>(c.size()));
-      const auto end = c.begin() + found[q];
-      if (end != c.end()) std::nth_element(c.begin(), end, c.end(), better);
-      std::sort(c.begin(), end, better);
-      std::copy(c.begin(), end, best.begin() + q * k);
-    }
+  if (live > 0) {
+    const bool answered = L > 0 ? take_all(BinReduction(L, k, owed), values, parts, nparts, shift,
+                                           nq, k, best.data(), found.data())
+                                : take_all(TopKReduction(k), values, parts, nparts, shift, nq, k,
+                                           best.data(), found.data());
+    if (!answered) return false;
   }
   // Slots of the results: for Gather (big memories), or copied here in panel order.
   std::vector<int32_t> own_slots;

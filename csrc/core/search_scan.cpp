@@ -21,7 +21,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   const int64_t dim = m.key_dim;
   const Metric metric = p.opt->metric;
   const int64_t num_bins = bins_for(p, std::min(written, m.capacity), exact);
-  part.init(nq, num_bins, p.opt->k, shared_bound);
+  part.begin(nq, num_bins, p.opt->k, shared_bound);
   if (s_begin >= s_end) return;
 
   // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
