@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._contract import MAX_CAPACITY, METRICS
+from ._contract import KEY_DTYPES, MAX_CAPACITY, METRICS
 
 if TYPE_CHECKING:
     from .memory import Memory
@@ -37,12 +37,13 @@ MAX_HEADER = 1 << 16
 # bound admits every file `save` writes; a file describing more is refused unread.
 MAX_GROWTH, MAX_EXTRA = 16, 64 << 20
 # safetensors dtype of each stored element type, and its numpy dtype (bfloat16 as raw bits)
-KEY_DTYPES = {
+STORED_DTYPES = {
     "float32": ("F32", np.float32),
     "bfloat16": ("BF16", np.uint16),
     "float16": ("F16", np.uint16),
     "int8": ("I8", np.int8),
 }
+assert tuple(STORED_DTYPES) == KEY_DTYPES  # every key dtype of the contract, in its order
 _CHUNK = 1 << 24  # bytes per write / read call
 
 
@@ -70,7 +71,7 @@ def _tensor_specs(meta: dict[str, Any]) -> list[tuple[str, str, type, tuple[int,
     """(name, safetensors dtype, numpy dtype, shape) of the tensors, in file order: 8-byte
     elements first, then 4-byte ones, keys last, so every tensor is aligned."""
     shape, cap = tuple(meta["shape"]), meta["capacity"]
-    st_dtype, np_dtype = KEY_DTYPES[meta["key_dtype"]]
+    st_dtype, np_dtype = STORED_DTYPES[meta["key_dtype"]]
     specs = [
         ("written", "I64", np.int64, shape),
         ("values", "F32", np.float32, (*shape, cap, meta["value_dim"])),
@@ -254,7 +255,7 @@ def _parse_metadata(header: Any) -> dict[str, Any]:
     out["key_dim"] = _int_field(meta, "key_dim", 1, 2**62)
     out["value_dim"] = _int_field(meta, "value_dim", 1, 2**62)
     for name, allowed in (
-        ("key_dtype", tuple(KEY_DTYPES)),
+        ("key_dtype", KEY_DTYPES),
         ("value_dtype", ("float32",)),
         ("metric", METRICS),
         ("layout", ("rows oldest first",)),

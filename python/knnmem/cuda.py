@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import as_float32, check_dense_tensor, check_grid_array, framework_of
+from ._contract import KEY_DTYPES as _CONTRACT_KEY_DTYPES
 
 if importlib.util.find_spec(f"{__package__}._cuda") is None:  # built without nvcc
     _cuda = None
@@ -27,7 +28,8 @@ else:
         _cuda = None
         _IMPORT_ERROR = str(e)
 
-KEY_DTYPES = ("float32", "bfloat16", "float16")
+# The contract's key dtypes that the CUDA kernels store (no int8 kernels yet).
+KEY_DTYPES = tuple(d for d in _CONTRACT_KEY_DTYPES if d != "int8")
 
 __all__ = ["available", "unavailable_reason", "device_count", "parse_device", "KEY_DTYPES"]
 
