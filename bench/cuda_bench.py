@@ -1,4 +1,4 @@
-"""GPU benchmark of the CUDA engine (issue 8 targets), everything measured in one run.
+"""GPU benchmark of the CUDA engine against torch matmul + topk, all measured in one run.
 
     python bench/cuda_bench.py                      # M1-M4, bfloat16 and float32 keys
     python bench/cuda_bench.py --workloads M2 --dtypes bfloat16 --json bench/out/cuda.json
@@ -7,7 +7,7 @@ Needs knnmem built with its CUDA kernels (knnmem.cuda.available()) and torch wit
 (torch is the timer, the data generator and the baseline; the pinned CPU torch of
 constraints.txt cannot run this).
 
-Workloads (DESIGN.md; M2 at shape (8, 8) as issue 8 asks), k = 32:
+Workloads (docs/design.md; M2 at grid shape (8, 8)), k = 32:
     M1 shape (1,)   capacity 65,536     d=128 Q=512
     M2 shape (8, 8) capacity 8,192      d=64  Q=512
     M3 shape (1,)   capacity 1,048,576  d=128 Q=64

@@ -1,9 +1,9 @@
-"""Recall/latency benchmark of knnmem and its peers (DESIGN.md, "Benchmark workloads").
+"""Recall/latency benchmark of knnmem and its peers on workloads M1-M4 (docs/design.md).
 
 Reproduce (numpy must run its current sgemm kernel, so drop the OpenBLAS overrides
 for this command alone; E = env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE):
 
-    pip install --no-build-isolation .
+    pip install .                                   # knnmem (as in README.md)
     pip install -c constraints.txt ".[bench]"       # peers, plots, progress bars (optional)
     E python bench/run.py --quick                   # M1,M2, 3 steps, fast peers (~1 min)
     E python bench/run.py                           # M1,M2, 5 steps

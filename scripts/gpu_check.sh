@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU verification of the CUDA engine (issue 8) in one call on a lent GPU machine:
+# GPU verification of the CUDA engine in one call on a machine with an NVIDIA GPU:
 # build with the CUDA kernels, run the GPU tests, a compute-sanitizer memcheck of a
 # small run, and bench/cuda_bench.py. Logs and JSON go to $OUT (default /tmp/gpu_out).
 #     bash scripts/gpu_check.sh [bench args...]

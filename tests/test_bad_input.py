@@ -1,6 +1,6 @@
 """Bad input: a clear exception naming the argument, and nothing changed.
 
-DESIGN.md, "Bad input": wrong rank/shape/dtype, NaN or Inf, k or recall_target
+The rules (README "Guarantees"): wrong rank/shape/dtype, NaN or Inf, k or recall_target
 out of range, grid index out of range, sizes that overflow or cannot be
 allocated each raise ValueError / TypeError / IndexError / MemoryError whose
 message names the argument, and the memory is exactly as before the call.

@@ -296,12 +296,10 @@ def _near_one_child() -> None:
     tq = torch.from_numpy(queries)
 
     def torch_op(k, rt, precision, core=True):
-        saved = kt._CORE_DEVICES
-        kt._CORE_DEVICES = saved if core else ()
-        try:
+        if core:
             return torch.ops.knnmem.search(*tring, tq, k, rt, "ip", precision)[:2]
-        finally:
-            kt._CORE_DEVICES = saved
+        with kt.use_reference("cpu"):
+            return torch.ops.knnmem.search(*tring, tq, k, rt, "ip", precision)[:2]
 
     def jax_search(k, rt, impl):
         res = kj.search(state, queries, k, rt, impl=impl)

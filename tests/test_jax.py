@@ -16,6 +16,10 @@ import knnmem.jax as kj  # noqa: E402
 from conftest import untied  # noqa: E402
 from knnmem.eval import exact_search  # noqa: E402
 
+# The result layout search passes to the custom call: _raw_call calls the handler
+# directly (past search's checks) with what search would send, attributes changed.
+from knnmem.jax._ffi import _result_types  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not kj.ffi_available(), reason="built without the FFI handlers")
 
 FIELDS = knnmem.SearchResult._fields
@@ -255,7 +259,9 @@ def test_add_in_place_under_donation() -> None:
     assert times[1] < 10 * times[0] + 2e-3, times
 
 
-def test_non_cpu_platforms_lower_to_the_reference() -> None:
+def test_cuda_lowers_to_its_own_custom_call_or_the_reference() -> None:
+    """CPU lowers to knnmem_search; CUDA to knnmem_search_cuda where knnmem._cuda has its
+    XLA handler, else to the pure-JAX reference (no knnmem custom call at all)."""
     state = kj.init((2,), 256, 8)
     q = jnp.ones((2, 3, 8))
     f = jax.jit(lambda s, q: kj.search(s, q, 4, 0.9))
@@ -304,7 +310,7 @@ def test_bad_arguments_raise_at_trace_time(filled: tuple) -> None:
 
 def _raw_call(state, q, **attrs):
     args = (state.keys, state.values, state.written, q)
-    types = kj._result_types(*args, 4)  # (an empty result would not run the call)
+    types = _result_types(*args, 4)  # (an empty result would not run the call)
     call = jax.ffi.ffi_call("knnmem_search", types, vmap_method="broadcast_all")
     attrs = {
         "k": np.int64(4),

@@ -16,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import knnmem.jax as kj  # noqa: E402
 from knnmem.eval import exact_search  # noqa: E402
+from knnmem.ops import placement  # noqa: E402
 
 B, H, T, D = 2, 3, 6, 8
 
@@ -110,7 +111,7 @@ def test_gradients_reach_the_layer_not_the_memory(segment: tuple) -> None:
             q, k, v, state, gate_bias, scale=scale, k=4, recall_target=0.9
         )
         # the slots the segment went to: no gradient flows back through the write either
-        slots = kj._slot_table(64)[30 : 30 + T]
+        slots = placement(64)[0][30 : 30 + T]  # slot_of
         return jnp.sum(out**2) + jnp.sum(new.keys[..., slots, :] + new.values[..., slots, :])
 
     args = (q, k, v, jnp.zeros(H), jnp.full(H, 3.0), state)

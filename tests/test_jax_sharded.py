@@ -40,6 +40,7 @@ def _main() -> None:
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import knnmem.jax as kj
     from knnmem.eval import bins_for_recall, expected_recall, recall
@@ -130,7 +131,7 @@ def _main() -> None:
         )
 
     out_flat, _ = jax.jit(lambda s: layer(s, qh, qh, qh, None))(flat)
-    rows = kj._grid_spec(2, 2, "data")
+    rows = P("data", None, None, None)  # [*shape, T, d]
     out_cap, new = jax.jit(
         jax.shard_map(
             lambda s, q: layer(s, q, q, q, "mem"),

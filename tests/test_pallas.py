@@ -23,6 +23,10 @@ import knnmem.jax as kj  # noqa: E402
 import knnmem.pallas as kp  # noqa: E402
 from knnmem import _core  # noqa: E402
 
+# The reference's internals that the kernel replaces or shares (its scores and its bin
+# winners): the tests compare the kernel with them piece by piece, below the public search.
+from knnmem.jax._reference import _bin_winners, _scores  # noqa: E402
+
 FIELDS = knnmem.SearchResult._fields
 
 
@@ -40,13 +44,13 @@ def unit_dyadic_queries(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 
 def reference_winners(queries, keys, held, num_bins, metric):
-    """The reference's bin winners (knnmem.jax._bin_winners over its masked scores)."""
+    """The reference's bin winners (_bin_winners over its masked scores)."""
     cap = keys.shape[1]
-    s = kj._scores(jnp.asarray(queries, jnp.float32), jnp.asarray(keys, jnp.float32), metric)
-    offsets = jnp.asarray(kj._offset_table(cap))
+    s = _scores(jnp.asarray(queries, jnp.float32), jnp.asarray(keys, jnp.float32), metric)
+    offsets = jnp.asarray(knnmem.ops.placement(cap)[1])
     live = offsets[None, :] < jnp.asarray(held)[:, None]
     s = jnp.where(live[:, None, :] & ~jnp.isnan(s), s, -jnp.inf)
-    return kj._bin_winners(s, num_bins)
+    return _bin_winners(s, num_bins)
 
 
 def assert_same_winners(ref, got, what=""):
@@ -90,7 +94,7 @@ def test_bin_winners_equal_reference(case) -> None:
     )
     assert_same_winners(ref, got, case)
     # not vacuous: exactly the bins that hold a live slot have winners
-    offsets = np.asarray(kj._offset_table(cap))
+    offsets = knnmem.ops.placement(cap)[1]
     for cell, h in enumerate(held):
         occupied = np.unique(np.nonzero(offsets < h)[0] % nb).size
         assert np.all(np.isfinite(np.asarray(got[0])[cell]).sum(-1) == occupied), (cell, h)
@@ -140,8 +144,8 @@ def test_gaussian_data_agree_to_rounding() -> None:
     )
     np.testing.assert_allclose(gb, rb, rtol=1e-5, atol=1e-5)
     # the runner-up score in each bin, to find near-ties
-    s = np.asarray(kj._scores(jnp.asarray(queries), jnp.asarray(keys), "ip"))
-    live = np.asarray(kj._offset_table(cap))[None, :] < np.asarray(held)[:, None]
+    s = np.asarray(_scores(jnp.asarray(queries), jnp.asarray(keys), "ip"))
+    live = knnmem.ops.placement(cap)[1][None, :] < np.asarray(held)[:, None]
     s = np.where(live[:, None, :], s, -np.inf)
     rows = -(-cap // nb)
     sp = np.pad(s, ((0, 0), (0, 0), (0, rows * nb - cap)), constant_values=-np.inf)

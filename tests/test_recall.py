@@ -95,7 +95,7 @@ def test_recall_follows_formula(filled, k: int, target: float) -> None:
 
 
 def test_bins_for_recall_values() -> None:
-    # DESIGN.md: k=32 needs 145 bins for 0.9 and 300 for 0.95.
+    # docs/design.md: k=32 needs 145 bins for 0.9 and 300 for 0.95.
     assert bins_for_recall(32, 0.9) == 145
     assert bins_for_recall(32, 0.95) == 300
     assert bins_for_recall(1, 0.5) == 1

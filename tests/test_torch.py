@@ -185,9 +185,10 @@ def test_scores_gradient_wrt_queries(metric) -> None:
 
 
 @pytest.fixture
-def reference_path(monkeypatch):
+def reference_path():
     """Runs the ops' non-CPU code path (the pure-torch reference) on CPU tensors."""
-    monkeypatch.setattr(kt, "_CORE_DEVICES", ())
+    with kt.use_reference("cpu"):
+        yield
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -217,6 +218,70 @@ def test_op_reference_path_matches_core(reference_path, metric) -> None:
     with pytest.raises(ValueError, match=r"new_values: expected finite values"):
         a.add(torch.zeros(2, 2, 3, 16), bad)
     assert all(torch.equal(x, y) for x, y in zip(before, a.buffers()))
+
+
+def test_use_reference_switches_the_backend_for_a_block() -> None:
+    mem = kt.KNNMemory(2, capacity=8, key_dim=4)
+    mem.written[0] = -1  # the C++ core and the pure-torch reference word this error differently
+    rows = torch.zeros(2, 1, 4)
+    core = r"written: expected counts >= 0, got -1 at index \[0\]"
+    reference = r"written: expected counts >= 0$"
+    with pytest.raises(ValueError, match=core):
+        mem.add(rows, rows)
+    for devices in [(), ("cpu",), ("cuda", "cpu")]:
+        with kt.use_reference(*devices), pytest.raises(ValueError, match=reference):
+            mem.add(rows, rows)
+    with kt.use_reference("cuda"), pytest.raises(ValueError, match=core):
+        mem.add(rows, rows)  # CPU tensors still go to the core
+    with pytest.raises(ValueError, match=core):
+        mem.add(rows, rows)  # restored after the blocks (which raised)
+    with pytest.raises(ValueError, match=r"device_types: expected names in \('cpu', 'cuda'\)"):
+        with kt.use_reference("gpu"):
+            pass
+    with pytest.raises(TypeError, match=r"device_types: expected str, got device"):
+        with kt.use_reference(torch.device("cpu")):
+            pass
+
+
+def test_package_api_and_layout() -> None:
+    """The public names, the documented module paths knnmem.torch_reference and
+    knnmem.torch_distributed, and no import loop: each private module of the package
+    imports only the ones before it in `layers` (__init__ imports them all)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import knnmem.torch_distributed
+    import knnmem.torch_reference
+
+    assert set(kt.__all__) == {
+        *("search", "add", "clear", "use_reference", "SearchResult"),
+        *("KNNMemory", "MemorizingAttention", "ShardedKNNMemory", "ddp_ignore_memories"),
+    }
+    assert all(getattr(kt, name) is not None for name in kt.__all__)
+    assert kt.SearchResult is knnmem.SearchResult
+    assert knnmem.torch_distributed.ShardedKNNMemory is kt.ShardedKNNMemory
+    assert knnmem.torch_reference.__all__ == ["placement", "add", "search"]
+    for name in knnmem.torch_reference.__all__:  # the functions the ops run
+        assert getattr(knnmem.torch_reference, name).__module__ == "knnmem.torch._reference"
+    assert hasattr(torch.ops.knnmem, "search") and hasattr(torch.ops.knnmem, "clear")
+    layers = ["_reference", "_checks", "_ops", "_memory", "_attention", "_distributed"]
+    root = Path(kt.__file__).parent
+    assert sorted(p.stem for p in root.glob("_*.py") if p.stem != "__init__") == sorted(layers)
+    for i, name in enumerate(layers):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("knnmem") for a in node.names), name
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            if node.level == 1:  # the package's own modules: lower layers only
+                used = [node.module] if node.module else [a.name for a in node.names]
+                assert all(m in layers[:i] for m in used), f"{name} imports {used}"
+            else:  # knnmem's: never the front end's own paths
+                used = [node.module] if node.module else [a.name for a in node.names]
+                assert not any(m.split(".")[0].startswith("torch") for m in used), name
+        importlib.import_module(f"knnmem.torch.{name}")
 
 
 # -- torch.compile ---------------------------------------------------------------------

@@ -69,7 +69,7 @@ def docs_blocks(marker: str) -> list[str]:
 
 
 def test_docs_knn_memory_example_runs() -> None:
-    (block,) = docs_blocks("mem = kt.KNNMemory(")
+    (block,) = docs_blocks("mem = kt.KNNMemory(shape=")
     namespace: dict = {}
     exec(compile(block, "docs/torch.md", "exec"), namespace)
     assert namespace["res"].keys.shape == (4, 8, 256, 32, 64)

@@ -2,8 +2,11 @@
 
 The kernel (``_kernel.py``) produces each bin's best score and slot; the top-k of those L
 winners, the positions, the gather of keys and values, and the fallbacks for nearly
-empty memories are plain JAX, the same functions as ``knnmem.jax``'s reference, so the
-results equal the reference's field for field whenever the bin winners do.
+empty memories are plain JAX, the same functions as ``knnmem.jax``'s reference
+(``knnmem/jax/_reference.py``), so the results equal the reference's field for field
+whenever the bin winners do. That module imports nothing from knnmem.pallas, and
+knnmem.jax imports knnmem.pallas only when a search is first traced, so either package
+can be imported first.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _core
-from .. import jax as kj
+from ..jax._reference import (
+    _offset_table,
+    _results,
+    _scores,
+    _search_reference_flat,
+    _slot_table,
+    _top_of_bins,
+)
 from ._kernel import (
     DEFAULT_BLOCK_K,
     DEFAULT_BLOCK_Q,
@@ -28,8 +38,8 @@ def _inv_norm(sq):
 
 
 def _kernel_operands(queries, keys, metric):
-    """(queries for the MXU, extra operands): the same expressions as knnmem.jax._scores,
-    so that the kernel's scores equal the reference's."""
+    """(queries for the MXU, extra operands): the same expressions as the reference's
+    _scores (knnmem/jax/_reference.py), so that the kernel's scores equal the reference's."""
     if metric == "ip":
         return queries, ()
     qf, kf = queries.astype(jnp.float32), keys.astype(jnp.float32)
@@ -70,7 +80,7 @@ def bin_winners(
         )
     if cap < LANES:
         raise ValueError(f"keys: expected a capacity of at least {LANES}, got {cap}")
-    offsets = jnp.asarray(kj._offset_table(cap), jnp.int32)
+    offsets = jnp.asarray(_offset_table(cap), jnp.int32)
     q, extra = _kernel_operands(queries, keys, metric)
     pos_s, pos_i = position_winners(
         q,
@@ -106,12 +116,12 @@ def search_flat(
     g, cap, _ = keys.shape
     nb = int(_core.bins_for_search(k, recall_target))
     if nb == 0 or nb >= cap or cap < LANES:
-        return kj._search_reference_flat(
+        return _search_reference_flat(
             keys, values, written, queries, k, recall_target, metric, "float32"
         )
     w = written.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     held = jnp.minimum(w, cap)
-    offset_of = jnp.asarray(kj._offset_table(cap))
+    offset_of = jnp.asarray(_offset_table(cap))
     best, bin_slot = bin_winners(
         queries,
         keys,
@@ -122,7 +132,7 @@ def search_flat(
         block_k=block_k,
         interpret=interpret,
     )
-    top, slot = kj._top_of_bins(best, bin_slot, k)
+    top, slot = _top_of_bins(best, bin_slot, k)
 
     # Where the bins cannot deliver k rows the reference takes the exact top-k; so do we,
     # without the [G, Q, C] score array where we can.
@@ -134,8 +144,8 @@ def search_flat(
     clustered = ~few & (occupied < jnp.minimum(k, held))  # rare: all slots
 
     def exact_few():
-        slots = jnp.asarray(kj._slot_table(cap)[:nb], jnp.int32)  # slots of offsets < nb
-        s = kj._scores(queries, keys[:, slots, :], metric)  # [G, Q, nb]
+        slots = jnp.asarray(_slot_table(cap)[:nb], jnp.int32)  # slots of offsets < nb
+        s = _scores(queries, keys[:, slots, :], metric)  # [G, Q, nb]
         ok = jnp.arange(nb)[None, :] < held[:, None]
         s = jnp.where(ok[:, None, :] & ~jnp.isnan(s), s, -jnp.inf)
         by_slot = jnp.broadcast_to(slots, s.shape)
@@ -143,7 +153,7 @@ def search_flat(
         return -neg[..., :k], srt[..., :k]
 
     def exact_all():
-        s = kj._scores(queries, keys, metric)
+        s = _scores(queries, keys, metric)
         s = jnp.where(live[:, None, :] & ~jnp.isnan(s), s, -jnp.inf)
         t, i = lax.top_k(s, k)  # ties: lowest slot first
         return t, i.astype(jnp.int32)
@@ -156,4 +166,4 @@ def search_flat(
             ),
             lambda cur=(top, slot): cur,
         )
-    return kj._results(top, slot, keys, values, w, offset_of)
+    return _results(top, slot, keys, values, w, offset_of)
