@@ -69,11 +69,14 @@ double expected_recall(int64_t num_bins, int64_t k) {
 
 namespace {
 
-// The shortest text that reads back as `x` (as Python's repr, less its ".0").
+// The shortest text that reads back as `x`, with ".0" on whole numbers: as
+// Python's repr() writes the number (messages read the same from every layer).
 std::string shortest(double x) {
   char buf[32];
   const auto r = std::to_chars(buf, buf + sizeof buf, x);
-  return std::string(buf, r.ptr);
+  std::string s(buf, r.ptr);
+  if (s.find_first_not_of("-0123456789") == std::string::npos) s += ".0";
+  return s;
 }
 
 void check_recall_target(double recall_target) {
