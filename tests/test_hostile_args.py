@@ -98,14 +98,14 @@ RT_CASES = [
     case("1e400", 10**400, ValueError, RECALL + r"an integer of 1329 bits$"),
     case("-1e400", -(10**400), ValueError, RECALL + r"a negative integer of 1329 bits$"),
     case("1e5000", 10**5000, ValueError, RECALL),  # too many digits for str()
-    case("2**64", 2**64, ValueError, RECALL + "18446744073709551616$"),
+    case("2**64", 2**64, ValueError, RECALL + r"18446744073709551616\.0$"),  # as a float
     case("nan", NAN, ValueError, RECALL + "nan$"),
     case("inf", INF, ValueError, RECALL + "inf$"),
     case("-inf", -INF, ValueError, RECALL + "-inf$"),
     case("np.float64-nan", np.float64(NAN), ValueError, RECALL + "nan$"),
     case("np.float32-inf", np.float32(INF), ValueError, RECALL + "inf$"),
     case("np.longdouble-1e4000", np.longdouble("1e4000"), ValueError, RECALL),
-    case("np.int64-2", np.int64(2), ValueError, RECALL + "2$"),
+    case("np.int64-2", np.int64(2), ValueError, RECALL + r"2\.0$"),
     case("np.uint64-max", np.uint64(2**64 - 1), ValueError, RECALL),
     case("True", True, TypeError, RECALL + "bool$"),
     case("np.True_", np.bool_(True), TypeError, RECALL + "bool$"),
