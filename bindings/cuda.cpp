@@ -363,7 +363,10 @@ PYBIND11_MODULE(_cuda, m) {
   // Raw entry points on caller-owned device buffers (ring layout). Device
   // pointers travel as integers; a search takes two descriptors, the ring and
   // its outputs, and keyword arguments, rather than two dozen positional ones.
-  py::class_<kc::RingView>(m, "Ring", "A caller-owned device ring (see knnmem_cuda.hpp).")
+  // module_local: the CUDA emulation (tests/cuda_emu) binds the same C++ types in a
+  // module of its own, which may be loaded beside this one.
+  py::class_<kc::RingView>(m, "Ring", py::module_local(),
+                           "A caller-owned device ring (see knnmem_cuda.hpp).")
       .def(py::init([](uintptr_t keys, const std::string& dtype, uintptr_t values,
                        uintptr_t written, uintptr_t offset_of, int64_t grid, int64_t capacity,
                        int64_t key_dim, int64_t value_dim, bool written_int32) {
@@ -383,7 +386,7 @@ PYBIND11_MODULE(_cuda, m) {
            py::kw_only(), py::arg("keys"), py::arg("dtype"), py::arg("values"), py::arg("written"),
            py::arg("offset_of"), py::arg("grid"), py::arg("capacity"), py::arg("key_dim"),
            py::arg("value_dim"), py::arg("written_int32") = false);
-  py::class_<kc::SearchOutput>(m, "Outputs",
+  py::class_<kc::SearchOutput>(m, "Outputs", py::module_local(),
                                "Device result buffers of a search; keys/values 0: not gathered.")
       .def(py::init([](uintptr_t scores, uintptr_t indices, uintptr_t mask, uintptr_t keys,
                        uintptr_t values) {
