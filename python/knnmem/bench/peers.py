@@ -1,9 +1,8 @@
-"""The methods bench/run.py compares with knnmem, and what they share with it.
+"""The methods knnmem is compared with (python -m knnmem.bench --peers ...).
 
-Every method holds its own copy of a grid of G FIFO memories of `capacity` rows and
-answers Q queries per memory with k stream positions (and the values stored with
-them). Rows are unit length, so inner product is cosine; every method scores by
-inner product.
+Each peer's library is imported when the peer is made; a peer whose library does not
+import is skipped with a note (missing_module). Every method holds its own copy of the
+grid of FIFO memories and scores by inner product (rows are unit length).
 
 Peers without a FIFO get their fairest equivalent (the `note` column says which):
 
@@ -26,145 +25,18 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from knnmem.eval import exact_search, recall
+from knnmem.eval import recall
+
+from .methods import Found, Method
+from .workloads import Ring, Workload, cpu_count
 
 TUNE_TARGET = 0.9  # recall the graph / IVF search parameters are tuned to
-
-
-def cpu_count() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
-
-
-# -- workload --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    shape: tuple[int, ...]
-    capacity: int
-    dim: int
-    queries: int
-    k: int = 32
-
-    @property
-    def grid(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def step_flops(self) -> float:
-        """Flops of scoring Q queries against every row of every memory."""
-        return 2.0 * self.queries * self.capacity * self.dim * self.grid
-
-    def key_bytes(self, bytes_per_element: float = 4.0) -> float:
-        """Bytes of keys a brute-force step reads (every row of every memory once)."""
-        return self.grid * self.capacity * self.dim * bytes_per_element
-
-    def describe(self) -> str:
-        return (
-            f"{self.name}: shape={self.shape} capacity={self.capacity} d={self.dim} "
-            f"Q={self.queries} k={self.k}"
-        )
-
-
-# -- ring of rows in numpy: the reference, and the storage of most methods -------------------
-
-
-class Ring:
-    """FIFO ring [G, capacity, dim]; stream position p lives in row p % capacity."""
-
-    def __init__(self, grid: int, capacity: int, dim: int) -> None:
-        self.data = np.zeros((grid, capacity, dim), np.float32)
-        self.capacity = capacity
-        self.written = 0
-
-    def next_slots(self, n: int) -> np.ndarray:
-        """Slots the next n rows go to (n <= capacity)."""
-        return (self.written + np.arange(n)) % self.capacity
-
-    def add(self, rows: np.ndarray) -> None:
-        skip = max(0, rows.shape[1] - self.capacity)  # rows overwritten within this add
-        self.written += skip
-        rows = rows[:, skip:]
-        self.data[:, self.next_slots(rows.shape[1])] = rows
-        self.written += rows.shape[1]
-
-    @property
-    def first_live(self) -> int:
-        return max(0, self.written - self.capacity)
-
-    def positions(self, slots: np.ndarray) -> np.ndarray:
-        """Stream position of the row held in each ring slot."""
-        return self.written - self.capacity + (slots - self.written) % self.capacity
-
-    def live(self) -> tuple[int, np.ndarray]:
-        """(first live position, live rows in stream order [G, n_live, dim])."""
-        start = self.first_live
-        return start, self.data[:, np.arange(start, self.written) % self.capacity]
-
-    def gather(self, positions: np.ndarray) -> np.ndarray:
-        """Rows at stream positions [G, ...] (zeros where the position is < 0)."""
-        ok = positions >= 0
-        grid = np.arange(positions.shape[0]).reshape((-1,) + (1,) * (positions.ndim - 1))
-        rows = self.data[grid, np.where(ok, positions, 0) % self.capacity]
-        return np.where(ok[..., None], rows, np.float32(0.0))
-
-    def exact_topk(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """Float64 exact top-k stream positions [G, Q, k] over the live rows."""
-        start, rows = self.live()
-        _, idx = exact_search(rows, queries, k)
-        return np.where(idx >= 0, idx + start, -1)
-
-
-# -- the interface -----------------------------------------------------------------------------
-
-
-@dataclass
-class Found:
-    positions: np.ndarray  # [G, Q, k] int64 stream positions, -1 where none
-    values: np.ndarray  # [G, Q, k, dv] float32
-
-
-class Method:
-    """One contestant. The harness calls fill (untimed) until every memory is full,
-    then build (timed, reported as build_s), tune (untimed), and per step add + search
-    (timed) and found (untimed)."""
-
-    name: str = ""
-    note: str = ""
-    key_bytes: float = 4.0  # bytes per key element it stores (for the bandwidth limit)
-    expected_recall: float | None = None
-    build_s: float | None = None
-    tunable: bool = False  # whether tune() does anything (it needs exact answers)
-
-    def __init__(self) -> None:
-        self.params: dict[str, Any] = {}
-
-    def fill(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self.add(keys, values)
-
-    def build(self) -> None:
-        """Work done once on the filled memory (index construction)."""
-
-    def tune(self, queries: np.ndarray, true_topk: np.ndarray) -> None:
-        """Picks search parameters on held-out queries (untimed)."""
-
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def search(self, queries: np.ndarray) -> Any:
-        raise NotImplementedError
-
-    def found(self, raw: Any) -> Found:
-        raise NotImplementedError
 
 
 # -- brute force on rings ----------------------------------------------------------------------
