@@ -13,6 +13,9 @@ Seeded; tolerances come from the precision of the scores.
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import sys
 import zlib
 
 import numpy as np
@@ -61,6 +64,67 @@ def test_memory_on_cuda_without_a_gpu_is_a_clear_error() -> None:
 def test_arguments_are_checked_before_the_device(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         knnmem.Memory(2, capacity=16, key_dim=4, **kwargs)
+
+
+class _NoDevice:
+    """A stand-in for knnmem._cuda on a machine where no CUDA device is usable."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+    def device_count(self) -> int:
+        return 0
+
+    def device_status(self) -> str:
+        return self.status
+
+
+INSUFFICIENT = (
+    "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+)
+NO_DEVICE = "cudaErrorNoDevice: no CUDA-capable device is detected"
+
+
+@pytest.mark.parametrize("status", [INSUFFICIENT, NO_DEVICE])
+def test_reason_without_a_driver_says_so(monkeypatch, status) -> None:
+    # The CUDA runtime reports a missing libcuda.so.1 as an insufficient driver.
+    monkeypatch.setattr(kcuda, "_cuda", _NoDevice(status))
+    monkeypatch.setattr(kcuda, "_driver_missing", lambda: "libcuda.so.1 cannot be loaded")
+    reason = kcuda.unavailable_reason()
+    expected = "no NVIDIA driver found (libcuda.so.1 cannot be loaded)"
+    assert reason == f"no CUDA device is usable: {expected}"
+    assert "insufficient" not in reason and not kcuda.available()
+
+
+@pytest.mark.parametrize(
+    "status, missing",
+    [
+        (INSUFFICIENT, None),  # a driver is here: it is too old, as the runtime says
+        (NO_DEVICE, None),  # a driver without a visible GPU
+        ("cudaErrorDevicesUnavailable: CUDA-capable device(s) is/are busy", "no driver"),
+        ("no CUDA device found", "no driver"),
+    ],
+)
+def test_other_reasons_are_the_runtimes(monkeypatch, status, missing) -> None:
+    monkeypatch.setattr(kcuda, "_cuda", _NoDevice(status))
+    monkeypatch.setattr(kcuda, "_driver_missing", lambda: missing)
+    assert kcuda.unavailable_reason() == f"no CUDA device is usable ({status})"
+
+
+def test_driver_probe(monkeypatch) -> None:
+    if not sys.platform.startswith("linux"):
+        assert kcuda._driver_missing() is None
+        return
+    monkeypatch.setattr(kcuda, "_DRIVER_LIB", "libknnmem-no-such-driver.so.1")
+    assert kcuda._driver_missing() == "libknnmem-no-such-driver.so.1 cannot be loaded"
+    monkeypatch.setattr(kcuda, "_DRIVER_LIB", ctypes.util.find_library("c") or "libc.so.6")
+    monkeypatch.setattr(kcuda, "_DRIVER_PROC", "/proc/knnmem-no-such-dir")
+    if not os.path.exists("/dev/dxg"):
+        assert kcuda._driver_missing() == (
+            "/proc/knnmem-no-such-dir is absent: the nvidia kernel module is not loaded"
+        )
+    monkeypatch.setattr(kcuda, "_DRIVER_PROC", "/proc")
+    assert kcuda._driver_missing() is None
 
 
 def test_parse_device() -> None:

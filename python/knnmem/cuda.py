@@ -8,8 +8,11 @@ False and ``unavailable_reason()`` says why. See docs/cuda.md.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,35 @@ def unavailable_reason() -> str | None:
             "-C cmake.define.KNNMEM_CUDA=ON to make a missing nvcc an error"
         )
     if _cuda.device_count() == 0:
-        return f"no CUDA device is usable ({_cuda.device_status()})"
+        status = _cuda.device_status()
+        if status.startswith(_NO_DRIVER_ERRORS):
+            missing = _driver_missing()
+            if missing is not None:
+                return f"no CUDA device is usable: no NVIDIA driver found ({missing})"
+        return f"no CUDA device is usable ({status})"
+    return None
+
+
+# What the CUDA runtime reports when it finds no driver: without libcuda.so.1 it says
+# cudaErrorInsufficientDriver ("CUDA driver version is insufficient for CUDA runtime
+# version"), which reads as an old driver; unavailable_reason() then says what is missing.
+_NO_DRIVER_ERRORS = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice")
+_DRIVER_LIB = "libcuda.so.1"
+_DRIVER_PROC = "/proc/driver/nvidia"
+
+
+def _driver_missing() -> str | None:
+    """What shows that no NVIDIA driver is installed, or None when one seems to be
+    (Linux only: elsewhere None)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        ctypes.CDLL(_DRIVER_LIB)
+    except OSError:
+        return f"{_DRIVER_LIB} cannot be loaded"
+    # WSL2 has the driver library but no /proc/driver/nvidia (its GPU is /dev/dxg).
+    if not os.path.exists(_DRIVER_PROC) and not os.path.exists("/dev/dxg"):
+        return f"{_DRIVER_PROC} is absent: the nvidia kernel module is not loaded"
     return None
 
 
