@@ -388,3 +388,24 @@ def test_rounded_precision(metric: str, precision: str) -> None:
     np.testing.assert_allclose(np.asarray(ref.scores)[same], want.scores[same], atol=tol * scale)
     with pytest.raises(ValueError, match=r"^precision: expected one of"):
         kj.search(state, q, 16, precision="fp8")
+
+
+def test_sharded_search_with_a_capacity_axis_of_one_device() -> None:
+    # A capacity axis of size 1 skipped the merge, whose psums are what type the results
+    # as replicated on the axis: shard_map's check_vma refused the out_specs.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "mem"))
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 2, 40, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 2, 3, 8)).astype(np.float32)
+    state = kj.sharded_add(
+        mesh, kj.init((2, 2), capacity=64, key_dim=8), x, x, batch_axis="data", capacity_axis="mem"
+    )
+    res = kj.sharded_search(
+        mesh, state, q, k=4, recall_target=1.0, batch_axis="data", capacity_axis="mem"
+    )
+    want = kj.search(kj.add(kj.init((2, 2), capacity=64, key_dim=8), x, x), q, 4, 1.0)
+    np.testing.assert_array_equal(np.asarray(res.indices), np.asarray(want.indices))
+    np.testing.assert_array_equal(np.asarray(res.values), np.asarray(want.values))
+    np.testing.assert_allclose(np.asarray(res.scores), np.asarray(want.scores), rtol=1e-6)

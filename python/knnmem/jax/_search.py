@@ -171,8 +171,8 @@ def _local_search(state, queries, k, recall_target, metric, precision, impl, cap
         lax.stop_gradient(written),
         lax.stop_gradient(queries),
     )
-    if shards == 1:
-        return scores, indices, rk, rv, mask
+    if capacity_axis is None:  # a capacity axis, even of size 1, needs the merge's psums
+        return scores, indices, rk, rv, mask  # (they type the results as replicated on it)
     # local position j of ring `shard` is global position j * D + shard
     indices = jnp.where(mask, indices * shards + shard.astype(indices.dtype), -1)
     # the best k of the D * k candidates; ties: lower device first (lax.top_k is stable)
