@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <charconv>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -96,19 +97,6 @@ void check_finite(const float* data, const py::array& a, const char* name) {
   const int64_t bad = without_gil([&] { return first_bad(data, n, limit); });
   if (bad >= 0) throw_bad_value(data, bad, a, name, nullptr);
 }
-
-// The largest float32 that rounds to a finite bfloat16 (round to nearest even:
-// from 0x7F7F8000 on, values round up to infinity).
-float bf16_limit() {
-  const uint32_t bits = 0x7F7F7FFFu;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// The largest float32 whose int8 quantisation (scale = amax / 127, key =
-// scale * 127) stays finite: one step below FLT_MAX.
-float int8_limit() { return std::nextafter(std::numeric_limits<float>::max(), 0.0f); }
 
 // Private copies of add()'s float32 inputs, made on the core's threads without
 // the GIL and checked as they are made (finite, and within `limit` where the
@@ -341,18 +329,18 @@ void memory_add(knnmem::Memory& self, const py::array& keys, const py::array& va
       checked_shape(values, "values", G, T, self.value_dim(),
                     dims({named("grid", G), named("T", T), named("value_dim", self.value_dim())}));
   // Keys must stay finite in the stored format (save -> load round-trips
-  // exactly what add accepted).
+  // exactly what add accepted): the format's limit is the core's.
   const knnmem::KeyFormat f = self.key_format();
+  const float limit = knnmem::max_key_magnitude(f);
+  std::string what;
+  if (limit < std::numeric_limits<float>::max()) {
+    char buf[32];
+    const auto r = std::to_chars(buf, buf + sizeof buf, limit);
+    what = "values within +-" + std::string(buf, r.ptr) + " for " + knnmem::key_format_name(f) +
+           " keys";
+  }
   Staging staging(static_cast<std::size_t>(keys.size()), static_cast<std::size_t>(values.size()));
-  const float* sk =
-      f == knnmem::KeyFormat::kFloat16
-          ? staging.stage(0, k, keys, "keys", 65504.0f, "values within +-65504 for float16 keys")
-      : f == knnmem::KeyFormat::kBFloat16
-          ? staging.stage(0, k, keys, "keys", bf16_limit(),
-                          "values within +-3.3961773e+38 for bfloat16 keys")
-      : f == knnmem::KeyFormat::kInt8 ? staging.stage(0, k, keys, "keys", int8_limit(),
-                                                      "values within +-3.4028233e+38 for int8 keys")
-                                      : staging.stage(0, k, keys, "keys");
+  const float* sk = staging.stage(0, k, keys, "keys", limit, what.empty() ? nullptr : what.c_str());
   const float* sv = staging.stage(1, v, values, "values");
   check_room(self.written().data(), G, T, "keys");
   without_gil([&] { self.add(sk, sv, T); });

@@ -1,5 +1,8 @@
 #include <charconv>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <string>
 
 #include "knnmem/knnmem.hpp"
@@ -52,6 +55,23 @@ const char* key_format_name(KeyFormat format) {
       return "int8";
     default:
       return "float32";
+  }
+}
+
+float max_key_magnitude(KeyFormat format) {
+  switch (format) {
+    case KeyFormat::kFloat16:
+      return 65504.0f;
+    case KeyFormat::kBFloat16: {  // 0x7F7F8000 and up round (to nearest even) to infinity
+      const uint32_t bits = 0x7F7F7FFFu;
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      return f;
+    }
+    case KeyFormat::kInt8:
+      return std::nextafter(std::numeric_limits<float>::max(), 0.0f);
+    default:
+      return std::numeric_limits<float>::max();
   }
 }
 

@@ -88,34 +88,6 @@ void find_results(Plan& p) {
 }
 
 void search_snapshot(const MemoryView& memory, const float* queries, int64_t num_queries,
-                     const SearchOptions& options, const SearchOutput& out);
-
-}  // namespace
-}  // namespace search_impl
-
-void search(const MemoryView& memory, const float* queries, int64_t num_queries,
-            const SearchOptions& options, const SearchOutput& out) {
-  check_search_options(options.k, options.recall_target, memory.capacity);
-  // A caller-owned ring may be changed by another thread during the call. Its
-  // counters are read once, here: every slot range, mask and stream position
-  // below comes from this snapshot, so a concurrent add or clear can make the
-  // result stale or mix rows of two steps, but never send a read out of bounds.
-  std::vector<int64_t> written(memory.written, memory.written + memory.grid);
-  for (int64_t g = 0; g < memory.grid; ++g) {
-    if (written[g] < 0) {
-      throw InvalidArgument("written: expected counts >= 0, got " + std::to_string(written[g]) +
-                            " at index [" + std::to_string(g) + "]");
-    }
-  }
-  MemoryView snapshot = memory;
-  snapshot.written = written.data();
-  search_impl::search_snapshot(snapshot, queries, num_queries, options, out);
-}
-
-namespace search_impl {
-namespace {
-
-void search_snapshot(const MemoryView& memory, const float* queries, int64_t num_queries,
                      const SearchOptions& options, const SearchOutput& out) {
   const KeyFormat format = scored_format(memory, options);
   const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
@@ -162,4 +134,24 @@ void search_snapshot(const MemoryView& memory, const float* queries, int64_t num
 
 }  // namespace
 }  // namespace search_impl
+
+void search(const MemoryView& memory, const float* queries, int64_t num_queries,
+            const SearchOptions& options, const SearchOutput& out) {
+  check_search_options(options.k, options.recall_target, memory.capacity);
+  // A caller-owned ring may be changed by another thread during the call. Its
+  // counters are read once, here: every slot range, mask and stream position
+  // below comes from this snapshot, so a concurrent add or clear can make the
+  // result stale or mix rows of two steps, but never send a read out of bounds.
+  std::vector<int64_t> written(memory.written, memory.written + memory.grid);
+  for (int64_t g = 0; g < memory.grid; ++g) {
+    if (written[g] < 0) {
+      throw InvalidArgument("written: expected counts >= 0, got " + std::to_string(written[g]) +
+                            " at index [" + std::to_string(g) + "]");
+    }
+  }
+  MemoryView snapshot = memory;
+  snapshot.written = written.data();
+  search_impl::search_snapshot(snapshot, queries, num_queries, options, out);
+}
+
 }  // namespace knnmem

@@ -130,9 +130,11 @@ std::mutex g_pool_mutex;  // guards creation and resizing of the pool
 Pool* g_pool = nullptr;   // never destroyed: workers may outlive static destructors
 
 Pool& pool() {
-  ensure_fork_handlers();
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  if (g_pool == nullptr) g_pool = new Pool(default_num_threads());
+  if (g_pool == nullptr) {
+    ensure_fork_handlers();  // once a process has workers, a fork must reset them
+    g_pool = new Pool(default_num_threads());
+  }
   return *g_pool;
 }
 

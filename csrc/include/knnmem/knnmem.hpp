@@ -156,6 +156,12 @@ KeyFormat parse_key_format(const std::string& name);
 // naming `precision`.
 KeyFormat parse_score_format(const std::string& name);
 const char* key_format_name(KeyFormat format);
+// The largest key magnitude a format stores finitely -- 65504 for float16,
+// 3.3961773e38 for bfloat16 (above, values round to infinity), one step below
+// FLT_MAX for int8 (its scale times 127 must stay finite), FLT_MAX for float32.
+// Memory::add's front ends refuse keys beyond it, so whatever add accepts
+// survives export and import.
+float max_key_magnitude(KeyFormat format);
 // The bins a search of keys stored as `format` uses: bins_for_recall, with the
 // target raised to 1 - 0.8 (1 - target) for rounded (bfloat16, float16, int8)
 // keys, and 16 or more bins rounded up to a multiple of kBinGroup (k=32 at
