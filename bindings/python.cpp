@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <charconv>
 #include <climits>
 #include <cmath>
@@ -165,9 +166,12 @@ const float* checked_input(const py::array& a, const char* name, int64_t grid, i
   return data;
 }
 
-// Appending T rows must leave every position counter within int64.
-void check_room(const int64_t* written, int64_t grid, int64_t rows, const char* name) {
-  for (int64_t g = 0; g < grid; ++g) {
+// Appending T rows must leave every position counter within int64 (of the
+// selected memories: `cells`, or all when null).
+void check_room(const int64_t* written, int64_t grid, int64_t rows, const char* name,
+                const int64_t* cells = nullptr) {
+  for (int64_t i = 0; i < grid; ++i) {
+    const int64_t g = cells ? cells[i] : i;
     if (written[g] > INT64_MAX - rows) {
       throw InvalidArgument(std::string(name) + ": adding " + std::to_string(rows) +
                             " rows after " + std::to_string(written[g]) +
@@ -190,40 +194,197 @@ std::string named(const char* name, int64_t v) {
   return std::string(name) + "=" + std::to_string(v);
 }
 
-// Allocates the result arrays and runs `run(out)` without the GIL.
+// The fields of a search result, in SearchResult order.
+constexpr const char* kFields[5] = {"scores", "indices", "keys", "values", "mask"};
+
+// What a search is asked to write: `fields` (names of kFields; None: every
+// field, or, when `out` is given, those of its arrays that are not None),
+// into the caller's arrays of `out` where given, else into new ones. Key and
+// value rows are written in the format of the caller's array, or, for new
+// arrays and arrays of 16-bit integers (raw bits), in `key_dtype` / `value_dtype`.
+struct Request {
+  std::optional<py::tuple> out;
+  std::array<bool, 5> want{};
+  knnmem::RowFormat key_format = knnmem::RowFormat::kFloat32;
+  knnmem::RowFormat value_format = knnmem::RowFormat::kFloat32;
+};
+
+Request parse_request(const std::optional<py::tuple>& out, const py::object& fields,
+                      const std::string& key_dtype, const std::string& value_dtype) {
+  Request r;
+  r.key_format = knnmem::parse_row_format(key_dtype, "key_dtype");
+  r.value_format = knnmem::parse_row_format(value_dtype, "value_dtype");
+  if (out) {
+    if (out->size() != 5) {
+      throw InvalidArgument("out: expected (scores, indices, keys, values, mask), got " +
+                            std::to_string(out->size()) + " items");
+    }
+    r.out = out;
+  }
+  if (fields.is_none()) {
+    for (std::size_t i = 0; i < 5; ++i) r.want[i] = !out || !(*out)[i].is_none();
+    return r;
+  }
+  if (py::isinstance<py::str>(fields)) {
+    throw py::type_error(
+        "fields: expected a sequence of names such as ('scores', 'values'), got '" +
+        fields.cast<std::string>() + "'");
+  }
+  for (const py::handle f : fields) {
+    if (!py::isinstance<py::str>(f)) {
+      throw py::type_error("fields: expected names (str), got " +
+                           std::string(py::str(py::type::of(f).attr("__name__"))));
+    }
+    const std::string name = f.cast<std::string>();
+    std::size_t i = 0;
+    while (i < 5 && name != kFields[i]) ++i;
+    if (i == 5) {
+      throw InvalidArgument(
+          "fields: expected names among 'scores', 'indices', 'keys', 'values', "
+          "'mask', got '" +
+          name + "'");
+    }
+    r.want[i] = true;
+  }
+  return r;
+}
+
+// The row format of a caller's key or value array: float32, float16, bfloat16
+// (ml_dtypes' type), or 16-bit integers holding the bits of `fallback`
+// (bfloat16 or float16, as row_dtype says).
+knnmem::RowFormat row_format_of(const py::array& a, const std::string& name,
+                                knnmem::RowFormat fallback) {
+  const std::string dt = py::str(a.dtype());
+  if (dt == "float32") return knnmem::RowFormat::kFloat32;
+  if (dt == "float16") return knnmem::RowFormat::kFloat16;
+  if (dt == "bfloat16") return knnmem::RowFormat::kBFloat16;
+  if ((dt == "uint16" || dt == "int16") && fallback != knnmem::RowFormat::kFloat32) return fallback;
+  throw py::type_error("out: " + name +
+                       " must have dtype float32, float16 or bfloat16 (or 16-bit integers holding "
+                       "bfloat16 or float16 bits, with that row dtype), got " +
+                       dt);
+}
+
+// Checks a caller's array for `rows` rows of `dim` elements: writeable, its
+// last axis contiguous and every other axis folding into one row stride (so
+// views such as buf[..., 0, :] of an interleaved buffer qualify). Returns the
+// row stride in elements.
+int64_t row_stride_of(const py::array& a, const std::string& name, int64_t rows, int64_t dim) {
+  const py::ssize_t nd = a.ndim();
+  const auto item = static_cast<py::ssize_t>(a.itemsize());
+  if (!a.writeable()) throw InvalidArgument("out: " + name + " must be writeable");
+  int64_t count = 1;
+  for (py::ssize_t d = 0; d + 1 < nd; ++d) count *= a.shape(d);
+  if (nd < 2 || a.shape(nd - 1) != dim || count != rows) {
+    throw InvalidArgument("out: " + name + " must hold " + std::to_string(rows) + " rows of " +
+                          std::to_string(dim) + " (the result's shape), got shape " + shape_str(a));
+  }
+  if (dim > 1 && a.strides(nd - 1) != item) {
+    throw InvalidArgument("out: " + name + " must have a contiguous last axis");
+  }
+  // Rows in C order must be equally spaced: each axis's stride is the next
+  // one's times its size (axes of size 1 have no stride to check).
+  py::ssize_t stride = 0;  // bytes between consecutive rows, once known
+  py::ssize_t span = 0;    // bytes the axes after the current one cover
+  bool ok = true;
+  for (py::ssize_t d = nd - 2; d >= 0 && ok; --d) {
+    if (a.shape(d) == 1) continue;
+    if (stride == 0) {
+      stride = a.strides(d);
+      ok = stride > 0 && stride % item == 0 && stride / item >= dim;
+    } else {
+      ok = a.strides(d) == span;
+    }
+    span = a.strides(d) * a.shape(d);
+  }
+  if (!ok) {
+    std::vector<py::ssize_t> strides(a.strides(), a.strides() + nd);
+    throw InvalidArgument("out: " + name +
+                          " must be a view whose rows are equally spaced and do not overlap "
+                          "(its last axis contiguous), got strides " +
+                          std::string(py::str(py::cast(strides))));
+  }
+  return stride > 0 ? stride / item : dim;
+}
+
+// Allocates (or takes from the request's `out`) the result arrays and runs
+// `run(out)` without the GIL. Returns the five fields; those not asked for are None.
 template <class Run>
 py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64_t value_dim,
-                     const std::optional<py::tuple>& given, Run&& run) {
-  // New arrays, or the caller's (a steady-state loop reuses them and saves the
-  // page faults of fresh memory), checked to be exactly what a new one would be.
-  auto result = [&](std::size_t i, const char* name, py::dtype dtype,
-                    std::vector<py::ssize_t> shape) -> py::array {
-    if (!given) return py::array(dtype, shape);
-    if (given->size() != 5) {
-      throw InvalidArgument("out: expected (scores, indices, keys, values, mask), got " +
-                            std::to_string(given->size()) + " items");
+                     const Request& req, Run&& run) {
+  const int64_t rows = grid * nq * k;
+  std::array<py::object, 5> result{py::none(), py::none(), py::none(), py::none(), py::none()};
+  knnmem::SearchOutput out;
+  auto given = [&](std::size_t i) -> std::optional<py::array> {
+    if (!req.out || (*req.out)[i].is_none()) return std::nullopt;
+    if (!py::isinstance<py::array>((*req.out)[i])) {
+      throw py::type_error(std::string("out: ") + kFields[i] + " must be a numpy array, got " +
+                           std::string(py::str(py::type::of((*req.out)[i]).attr("__name__"))));
     }
-    py::array a = py::reinterpret_borrow<py::object>((*given)[i]);
-    const bool ok = a.dtype().is(dtype) && (a.flags() & py::array::c_style) && a.writeable() &&
-                    std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()) == shape;
-    if (!ok) {
-      throw InvalidArgument(std::string("out: ") + name +
+    return py::reinterpret_borrow<py::array>((*req.out)[i]);
+  };
+  // scores, indices, mask: dense arrays of their dtype.
+  auto dense = [&](std::size_t i, py::dtype dtype) -> void* {
+    if (!req.want[i]) return nullptr;
+    std::optional<py::array> a = given(i);
+    if (!a) {
+      a = py::array(dtype, std::vector<py::ssize_t>{grid, nq, k});
+    } else if (!a->dtype().is(dtype) || !(a->flags() & py::array::c_style) || !a->writeable() ||
+               a->size() != rows) {
+      throw InvalidArgument(std::string("out: ") + kFields[i] +
                             " must be a writeable C-contiguous array of dtype " +
                             std::string(py::str(dtype)) + " and the result's shape");
     }
-    return a;
+    result[i] = *a;
+    return a->mutable_data();
   };
-  py::array scores = result(0, "scores", py::dtype::of<float>(), {grid, nq, k});
-  py::array indices = result(1, "indices", py::dtype::of<int64_t>(), {grid, nq, k});
-  py::array keys = result(2, "keys", py::dtype::of<float>(), {grid, nq, k, key_dim});
-  py::array values = result(3, "values", py::dtype::of<float>(), {grid, nq, k, value_dim});
-  py::array mask = result(4, "mask", py::dtype::of<bool>(), {grid, nq, k});
-  knnmem::SearchOutput out{
-      static_cast<float*>(scores.mutable_data()), static_cast<int64_t*>(indices.mutable_data()),
-      static_cast<bool*>(mask.mutable_data()), static_cast<float*>(keys.mutable_data()),
-      static_cast<float*>(values.mutable_data())};
+  // keys, values: rows of any row format, equally spaced.
+  auto rows_of_field = [&](std::size_t i, int64_t dim, int64_t& stride,
+                           knnmem::RowFormat& format) -> void* {
+    if (!req.want[i]) return nullptr;
+    const knnmem::RowFormat asked = i == 2 ? req.key_format : req.value_format;
+    std::optional<py::array> a = given(i);
+    if (!a) {
+      format = asked;
+      const py::dtype dt = format == knnmem::RowFormat::kFloat32 ? py::dtype::of<float>()
+                           : format == knnmem::RowFormat::kFloat16
+                               ? py::dtype("float16")
+                               : py::dtype::of<uint16_t>();  // bfloat16 bits
+      a = py::array(dt, std::vector<py::ssize_t>{grid, nq, k, dim});
+      stride = dim;
+    } else {
+      format = row_format_of(*a, kFields[i], asked);
+      stride = row_stride_of(*a, kFields[i], rows, dim);
+    }
+    result[i] = *a;
+    return a->mutable_data();
+  };
+  out.scores = static_cast<float*>(dense(0, py::dtype::of<float>()));
+  out.indices = static_cast<int64_t*>(dense(1, py::dtype::of<int64_t>()));
+  out.keys = rows_of_field(2, key_dim, out.key_row_stride, out.key_format);
+  out.values = rows_of_field(3, value_dim, out.value_row_stride, out.value_format);
+  out.mask = static_cast<bool*>(dense(4, py::dtype::of<bool>()));
   without_gil([&] { run(out); });
-  return py::make_tuple(scores, indices, keys, values, mask);
+  return py::make_tuple(result[0], result[1], result[2], result[3], result[4]);
+}
+
+// A sub-grid selection: an int64 array of memory indices (checked by the core
+// against the grid), or None for the whole grid.
+struct Cells {
+  std::optional<py::array_t<int64_t, py::array::c_style>> array;
+  const int64_t* data() const { return array ? array->data() : nullptr; }
+  int64_t count(int64_t grid) const { return array ? static_cast<int64_t>(array->size()) : grid; }
+};
+
+Cells cells_of(const py::object& which) {
+  Cells c;
+  if (which.is_none()) return c;
+  py::array a = py::array::ensure(which);
+  if (!a || !a.dtype().is(py::dtype::of<int64_t>()) || a.ndim() != 1) {
+    throw py::type_error("which: expected a 1-d int64 array of memory indices");
+  }
+  c.array = py::array_t<int64_t, py::array::c_style>::ensure(a);
+  return c;
 }
 
 // A caller-owned ring: keys [G, C, d], values [G, C, dv], written [G] int64.
@@ -320,8 +481,11 @@ std::string memory_metric(const knnmem::Memory& self) { return knnmem::metric_na
 py::array_t<int64_t> memory_written(const knnmem::Memory& self) { return to_numpy(self.written()); }
 py::array_t<int64_t> memory_count(const knnmem::Memory& self) { return to_numpy(self.count()); }
 
-void memory_add(knnmem::Memory& self, const py::array& keys, const py::array& values) {
-  const int64_t G = self.grid();
+void memory_add(knnmem::Memory& self, const py::array& keys, const py::array& values,
+                const py::object& which) {
+  const Cells cells = cells_of(which);
+  if (cells.data()) knnmem::check_cells(cells.data(), cells.count(0), self.grid(), true);
+  const int64_t G = cells.count(self.grid());
   const int64_t T = rows_of(keys);
   const float* k = checked_shape(keys, "keys", G, T, self.key_dim(),
                                  dims({named("grid", G), "T", named("key_dim", self.key_dim())}));
@@ -342,20 +506,26 @@ void memory_add(knnmem::Memory& self, const py::array& keys, const py::array& va
   Staging staging(static_cast<std::size_t>(keys.size()), static_cast<std::size_t>(values.size()));
   const float* sk = staging.stage(0, k, keys, "keys", limit, what.empty() ? nullptr : what.c_str());
   const float* sv = staging.stage(1, v, values, "values");
-  check_room(self.written().data(), G, T, "keys");
-  without_gil([&] { self.add(sk, sv, T); });
+  check_room(self.written().data(), G, T, "keys", cells.data());
+  without_gil([&] { self.add(sk, sv, T, cells.data(), G); });
 }
 
 py::tuple memory_search(const knnmem::Memory& self, const py::array& queries, int64_t k,
-                        double recall_target, const std::optional<py::tuple>& out) {
-  const int64_t G = self.grid();
+                        double recall_target, const std::optional<py::tuple>& out,
+                        const py::object& fields, const py::object& which,
+                        const std::string& key_dtype, const std::string& value_dtype) {
+  const Cells cells = cells_of(which);
+  if (cells.data()) knnmem::check_cells(cells.data(), cells.count(0), self.grid(), false);
+  const int64_t G = cells.count(self.grid());
   knnmem::check_search_options(k, recall_target, self.capacity());
+  const Request req = parse_request(out, fields, key_dtype, value_dtype);
   const float* q = checked_input(queries, "queries", G, -1, self.key_dim(),
                                  dims({named("grid", G), "Q", named("key_dim", self.key_dim())}));
   const int64_t nq = rows_of(queries);
-  return run_search(
-      G, nq, k, self.key_dim(), self.value_dim(), out,
-      [&](const knnmem::SearchOutput& o) { self.search(q, nq, k, recall_target, o); });
+  return run_search(G, nq, k, self.key_dim(), self.value_dim(), req,
+                    [&](const knnmem::SearchOutput& o) {
+                      self.search(q, nq, k, recall_target, o, cells.data(), G);
+                    });
 }
 
 void memory_clear(knnmem::Memory& self, std::optional<py::array_t<bool, py::array::c_style>> mask) {
@@ -435,9 +605,18 @@ void memory_import_state(knnmem::Memory& self, const py::array& keys, const py::
 
 py::tuple ring_search(const py::array& keys, const py::array& values, const py::array& written,
                       const py::array& queries, int64_t k, double recall_target,
-                      const std::string& metric, const std::string& precision) {
+                      const std::string& metric, const std::string& precision,
+                      const std::optional<py::tuple>& out, const py::object& fields,
+                      const py::object& which, const std::string& key_dtype,
+                      const std::string& value_dtype) {
   RingArrays ring = ring_view(keys, values, written, false);
-  const knnmem::MemoryView view = ring.view.as_const();
+  const Cells cells = cells_of(which);
+  knnmem::MemoryView view = ring.view.as_const();
+  if (cells.data()) {
+    knnmem::check_cells(cells.data(), cells.count(0), view.grid, false);
+    view.cells = cells.data();
+    view.grid = cells.count(0);
+  }
   const knnmem::Metric parsed = knnmem::parse_metric(metric);
   knnmem::SearchOptions options{k, recall_target, parsed};
   options.score_format = knnmem::parse_score_format(precision);
@@ -446,15 +625,22 @@ py::tuple ring_search(const py::array& keys, const py::array& values, const py::
       checked_input(queries, "queries", view.grid, -1, view.key_dim,
                     dims({named("grid", view.grid), "Q", named("key_dim", view.key_dim)}));
   const int64_t nq = rows_of(queries);
+  const Request req = parse_request(out, fields, key_dtype, value_dtype);
   return run_search(
-      view.grid, nq, k, view.key_dim, view.value_dim, std::nullopt,
-      [&](const knnmem::SearchOutput& out) { knnmem::search(view, q, nq, options, out); });
+      view.grid, nq, k, view.key_dim, view.value_dim, req,
+      [&](const knnmem::SearchOutput& o) { knnmem::search(view, q, nq, options, o); });
 }
 
 void ring_add(const py::array& keys, const py::array& values, const py::array& written,
-              const py::array& new_keys, const py::array& new_values) {
+              const py::array& new_keys, const py::array& new_values, const py::object& which) {
   RingArrays ring = ring_view(keys, values, written, true);
-  const knnmem::MutableMemoryView& view = ring.view;
+  const Cells cells = cells_of(which);
+  knnmem::MutableMemoryView& view = ring.view;
+  if (cells.data()) {
+    knnmem::check_cells(cells.data(), cells.count(0), view.grid, true);
+    view.cells = cells.data();
+    view.grid = cells.count(0);
+  }
   const int64_t T = rows_of(new_keys);
   const float* nk =
       checked_shape(new_keys, "new_keys", view.grid, T, view.key_dim,
@@ -466,7 +652,7 @@ void ring_add(const py::array& keys, const py::array& values, const py::array& w
                   static_cast<std::size_t>(new_values.size()));
   const float* sk = staging.stage(0, nk, new_keys, "new_keys");
   const float* sv = staging.stage(1, nv, new_values, "new_values");
-  check_room(view.written, view.grid, T, "written");
+  check_room(view.written, view.grid, T, "written", view.cells);
   without_gil([&] { knnmem::add(view, sk, sv, T); });
 }
 
@@ -500,9 +686,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("nbytes", &knnmem::Memory::nbytes)
       .def_property_readonly("written", &memory_written)
       .def_property_readonly("count", &memory_count)
-      .def("add", &memory_add, py::arg("keys"), py::arg("values"))
+      .def("add", &memory_add, py::arg("keys"), py::arg("values"), py::arg("which") = py::none())
       .def("search", &memory_search, py::arg("queries"), py::arg("k"), py::arg("recall_target"),
-           py::arg("out") = py::none())
+           py::arg("out") = py::none(), py::arg("fields") = py::none(),
+           py::arg("which") = py::none(), py::arg("key_dtype") = "float32",
+           py::arg("value_dtype") = "float32")
       .def("clear", &memory_clear, py::arg("mask") = py::none())
       .def("_export_state", &memory_export_state)
       .def("_import_state", &memory_import_state, py::arg("keys"), py::arg("key_scale"),
@@ -510,10 +698,12 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("search", &ring_search, py::arg("keys"), py::arg("values"), py::arg("written"),
         py::arg("queries"), py::arg("k"), py::arg("recall_target"), py::arg("metric"),
-        py::arg("precision") = "float32",
+        py::arg("precision") = "float32", py::arg("out") = py::none(),
+        py::arg("fields") = py::none(), py::arg("which") = py::none(),
+        py::arg("key_dtype") = "float32", py::arg("value_dtype") = "float32",
         "Search a caller-owned ring (keys [G, C, d], values [G, C, dv], written [G]).");
   m.def("add", &ring_add, py::arg("keys"), py::arg("values"), py::arg("written"),
-        py::arg("new_keys"), py::arg("new_values"),
+        py::arg("new_keys"), py::arg("new_values"), py::arg("which") = py::none(),
         "Append rows to a caller-owned ring, in place.");
   m.def("placement", &placement_tables, py::arg("capacity"),
         "(slot_of, offset_of): slot of stream offset r = p mod capacity, and its inverse.");

@@ -284,11 +284,14 @@ def test_search_into_given_result_arrays() -> None:
     for a, b in zip(out, fresh):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(
-        ValueError, match=r"^out: scores must be a numpy array of shape \(2, 3, 7, 5\)"
+        ValueError, match=r"^out: scores must have shape \(2, 3, 7, 5\), got \(2, 3, 7, 4\)$"
     ):
         mem.search(q, k=5, out=out)
     bad = out._replace(keys=out.keys.astype(np.float64))
-    with pytest.raises(ValueError, match=r"^out: keys must be a writeable C-contiguous array"):
+    with pytest.raises(TypeError, match=r"^out: keys must have dtype float32, float16 or bfloat16"):
+        mem.search(q, k=4, out=bad)
+    bad = out._replace(scores=out.scores.astype(np.float64))
+    with pytest.raises(ValueError, match=r"^out: scores must be a writeable C-contiguous array"):
         mem.search(q, k=4, out=bad)
     with pytest.raises(TypeError, match=r"^out: expected a SearchResult"):
         mem.search(q, k=4, out=[1, 2])

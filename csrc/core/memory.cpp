@@ -84,7 +84,8 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
   // The counters are read once (a caller-owned ring may be changed by another
   // thread meanwhile): every slot written below derives from this snapshot,
   // and the new counts are stored from it, not re-read.
-  std::vector<int64_t> written(m.written, m.written + m.grid);
+  std::vector<int64_t> written(static_cast<std::size_t>(m.grid));
+  for (int64_t g = 0; g < m.grid; ++g) written[g] = m.written[m.cell(g)];
   for (int64_t g = 0; g < m.grid; ++g) {
     if (written[g] < 0 || written[g] > INT64_MAX - num_rows) {
       throw InvalidArgument("written: expected counts in [0, " +
@@ -104,16 +105,17 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
     const int64_t t0 = first + (static_cast<int64_t>(i) % chunks) * kAddChunk;
     const int64_t t1 = std::min(num_rows, t0 + kAddChunk);
     const int64_t base = written[g];
+    const int64_t c = m.cell(g);  // where memory g is stored
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t slot = slot_of[(base + t) % m.capacity];
       const float* key = new_keys + (g * num_rows + t) * m.key_dim;
       float stored_sq;
       if (m.key_layout == KeyLayout::kRows) {
-        std::memcpy(static_cast<float*>(m.keys) + (g * m.capacity + slot) * m.key_stride, key,
+        std::memcpy(static_cast<float*>(m.keys) + (c * m.capacity + slot) * m.key_stride, key,
                     sizeof(float) * m.key_dim);
         stored_sq = m.key_aux ? cpu::squared_norm(key, m.key_dim) : 0.0f;
       } else {
-        const int64_t at = g * padded + slot;
+        const int64_t at = c * padded + slot;
         void* panel = static_cast<uint32_t*>(m.keys) +
                       (at - slot % kPanelSlots) * key_words(m.key_format, m.key_dim);
         const bool int8 = m.key_format == KeyFormat::kInt8;
@@ -121,12 +123,34 @@ void add(const MutableMemoryView& m, const float* new_keys, const float* new_val
                                       int8 ? m.key_scale + at : nullptr,
                                       int8 ? m.key_sum + at : nullptr, m.key_aux != nullptr);
       }
-      std::memcpy(m.values + (g * m.capacity + slot) * m.value_stride,
+      std::memcpy(m.values + (c * m.capacity + slot) * m.value_stride,
                   new_values + (g * num_rows + t) * m.value_dim, sizeof(float) * m.value_dim);
-      if (m.key_aux) m.key_aux[g * padded + slot] = detail::aux_of(m.aux_metric, stored_sq);
+      if (m.key_aux) m.key_aux[c * padded + slot] = detail::aux_of(m.aux_metric, stored_sq);
     }
   });
-  for (int64_t g = 0; g < m.grid; ++g) m.written[g] = written[g] + num_rows;
+  for (int64_t g = 0; g < m.grid; ++g) m.written[m.cell(g)] = written[g] + num_rows;
+}
+
+void check_cells(const int64_t* cells, int64_t count, int64_t grid, bool distinct) {
+  if (count < 0) throw InvalidArgument("which: expected a count >= 0 of memories");
+  std::vector<int64_t> seen_at;
+  if (distinct) seen_at.assign(static_cast<std::size_t>(grid), -1);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t c = cells[i];
+    if (c < 0 || c >= grid) {
+      throw InvalidArgument("which: memory " + std::to_string(c) + " at position " +
+                            std::to_string(i) + " is outside the grid of " + std::to_string(grid) +
+                            " memories");
+    }
+    if (distinct) {
+      if (seen_at[c] >= 0) {
+        throw InvalidArgument("which: memory " + std::to_string(c) + " is selected twice (at " +
+                              std::to_string(seen_at[c]) + " and " + std::to_string(i) +
+                              "); an add writes each memory once");
+      }
+      seen_at[c] = i;
+    }
+  }
 }
 
 int64_t copy_checked(const float* src, float* dst, int64_t n, float limit) {
@@ -261,16 +285,29 @@ MutableMemoryView Memory::view_unlocked() const {
   return v;
 }
 
-void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows) {
+void Memory::add(const float* new_keys, const float* new_values, int64_t num_rows,
+                 const int64_t* cells, int64_t num_cells) {
   std::unique_lock<RWLock> lock(mutex_);
-  knnmem::add(view_unlocked(), new_keys, new_values, num_rows);
+  MutableMemoryView view = view_unlocked();
+  if (cells) {
+    check_cells(cells, num_cells, grid_, true);
+    view.cells = cells;
+    view.grid = num_cells;
+  }
+  knnmem::add(view, new_keys, new_values, num_rows);
 }
 
 void Memory::search(const float* queries, int64_t num_queries, int64_t k, double recall_target,
-                    const SearchOutput& out) const {
+                    const SearchOutput& out, const int64_t* cells, int64_t num_cells) const {
   std::shared_lock<RWLock> lock(mutex_);
   const SearchOptions options{k, recall_target, metric_};
-  knnmem::search(view_unlocked().as_const(), queries, num_queries, options, out);
+  MemoryView view = view_unlocked().as_const();
+  if (cells) {
+    check_cells(cells, num_cells, grid_, false);
+    view.cells = cells;
+    view.grid = num_cells;
+  }
+  knnmem::search(view, queries, num_queries, options, out);
 }
 
 void Memory::clear(const uint8_t* clear_mask) {

@@ -58,6 +58,25 @@ const char* key_format_name(KeyFormat format) {
   }
 }
 
+RowFormat parse_row_format(const std::string& name, const char* what) {
+  if (name == "float32") return RowFormat::kFloat32;
+  if (name == "bfloat16") return RowFormat::kBFloat16;
+  if (name == "float16") return RowFormat::kFloat16;
+  throw InvalidArgument(std::string(what) +
+                        ": expected one of 'float32', 'bfloat16', 'float16', got '" + name + "'");
+}
+
+const char* row_format_name(RowFormat format) {
+  switch (format) {
+    case RowFormat::kBFloat16:
+      return "bfloat16";
+    case RowFormat::kFloat16:
+      return "float16";
+    default:
+      return "float32";
+  }
+}
+
 float max_key_magnitude(KeyFormat format) {
   switch (format) {
     case KeyFormat::kFloat16:

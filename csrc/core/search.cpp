@@ -92,7 +92,6 @@ void search_snapshot(const MemoryView& memory, const float* queries, int64_t num
   const KeyFormat format = scored_format(memory, options);
   const int64_t num_bins = bins_for_search(options.k, options.recall_target, format);
   KNNMEM_ASSERT(memory.placement != nullptr && memory.placement->capacity() == memory.capacity);
-  KNNMEM_ASSERT(out.scores && out.indices && out.mask);
   if (num_queries == 0 || memory.grid == 0) return;
   cpu::active_kernel();  // resolves KNNMEM_KERNEL here, in the caller's thread
 
@@ -124,9 +123,9 @@ void search_snapshot(const MemoryView& memory, const float* queries, int64_t num
     p.hit_slots = hit_slots.data();
   }
   // Results much bigger than the last-level cache are streamed to memory.
-  const int64_t result_bytes =
-      memory.grid * num_queries * options.k * 4 *
-      ((out.keys ? memory.key_dim : 0) + (out.values ? memory.value_dim : 0));
+  const int64_t result_bytes = memory.grid * num_queries * options.k *
+                               ((out.keys ? memory.key_dim * row_bytes(out.key_format) : 0) +
+                                (out.values ? memory.value_dim * row_bytes(out.value_format) : 0));
   p.stream = result_bytes > kStreamResultBytes;
   find_results(p);
   if (p.hit_slots) gather(p);
@@ -142,7 +141,9 @@ void search(const MemoryView& memory, const float* queries, int64_t num_queries,
   // counters are read once, here: every slot range, mask and stream position
   // below comes from this snapshot, so a concurrent add or clear can make the
   // result stale or mix rows of two steps, but never send a read out of bounds.
-  std::vector<int64_t> written(memory.written, memory.written + memory.grid);
+  // The snapshot is indexed by the view's memory g (its cell's counter).
+  std::vector<int64_t> written(static_cast<std::size_t>(memory.grid));
+  for (int64_t g = 0; g < memory.grid; ++g) written[g] = memory.written[memory.cell(g)];
   for (int64_t g = 0; g < memory.grid; ++g) {
     if (written[g] < 0) {
       throw InvalidArgument("written: expected counts >= 0, got " + std::to_string(written[g]) +

@@ -97,6 +97,8 @@ struct Partial {
   }
 };
 
+// Plan::m is the search's snapshot: its `written` holds memory g's counter at
+// index g; the memory's storage is at index m->cell(g) (a sub-grid).
 struct Plan {
   const MemoryView* m;
   const SearchOptions* opt;
@@ -110,6 +112,8 @@ struct Plan {
   bool stream = false;           // results bypass the caches (copy_floats)
   int32_t* hit_slots = nullptr;  // [G][Q][k] slots of the results, when keys or values are wanted
 };
+
+inline int64_t row_bytes(RowFormat format) { return format == RowFormat::kFloat32 ? 4 : 2; }
 
 // Bins for a memory holding `live` rows; 0 = exact top-k.
 // The format keys are scored in: a panel memory's own, or the one asked for

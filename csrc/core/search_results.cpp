@@ -20,12 +20,14 @@
 namespace knnmem::search_impl {
 namespace {
 
-// The stored key of a slot as float32 (bfloat16/float16 keys widened, int8 scaled).
+// The stored key of a slot of memory g as float32 (bfloat16/float16 keys
+// widened, int8 scaled).
 const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratch) {
+  const int64_t c = m.cell(g);
   if (m.key_layout == KeyLayout::kRows) {
-    return static_cast<const float*>(m.keys) + (g * m.capacity + slot) * m.key_stride;
+    return static_cast<const float*>(m.keys) + (c * m.capacity + slot) * m.key_stride;
   }
-  const int64_t base = g * padded_capacity(m.capacity) + slot / kPanelSlots * kPanelSlots;
+  const int64_t base = c * padded_capacity(m.capacity) + slot / kPanelSlots * kPanelSlots;
   const int64_t lane = slot % kPanelSlots;
   if (m.key_format == KeyFormat::kFloat32) {
     const float* panel = static_cast<const float*>(m.keys) + base * m.key_dim;
@@ -43,7 +45,7 @@ const float* key_row(const MemoryView& m, int64_t g, int64_t slot, float* scratc
   if (m.key_format == KeyFormat::kInt8) {
     const uint32_t* lane = static_cast<const uint32_t*>(m.keys) +
                            base * key_words(KeyFormat::kInt8, m.key_dim) + slot % kPanelSlots;
-    const float scale = m.key_scale[g * padded_capacity(m.capacity) + slot];
+    const float scale = m.key_scale[c * padded_capacity(m.capacity) + slot];
     for (int64_t i = 0; i < m.key_dim; ++i) {
       scratch[i] = static_cast<float>(detail::int8_dim(lane, kPanelSlots, i)) * scale;
     }
@@ -70,6 +72,53 @@ void copy_floats(float* dst, const float* src, int64_t n, bool stream) {
   std::memcpy(dst, src, sizeof(float) * static_cast<std::size_t>(n));
 }
 
+// Where result row r of the keys (or values) starts, and in which format.
+struct RowOut {
+  char* base = nullptr;
+  int64_t stride = 0;  // bytes between rows
+  int64_t dim = 0;
+  RowFormat format = RowFormat::kFloat32;
+
+  RowOut(void* rows, int64_t row_stride, int64_t d, RowFormat f)
+      : base(static_cast<char*>(rows)),
+        stride((row_stride > 0 ? row_stride : d) * row_bytes(f)),
+        dim(d),
+        format(f) {}
+  explicit operator bool() const { return base != nullptr; }
+  void* at(int64_t r) const { return base + r * stride; }
+
+  // Writes a float32 row as result row r, rounded to the format (nearest even).
+  void put(int64_t r, const float* src, bool stream) const;
+  void zero(int64_t r) const {
+    std::memset(at(r), 0, static_cast<std::size_t>(dim * row_bytes(format)));
+  }
+};
+
+RowOut key_rows(const Plan& p) {
+  return RowOut(p.out->keys, p.out->key_row_stride, p.m->key_dim, p.out->key_format);
+}
+RowOut value_rows(const Plan& p) {
+  return RowOut(p.out->values, p.out->value_row_stride, p.m->value_dim, p.out->value_format);
+}
+
+void RowOut::put(int64_t r, const float* src, bool stream) const {
+  switch (format) {
+    case RowFormat::kFloat32:
+      copy_floats(static_cast<float*>(at(r)), src, dim, stream);
+      return;
+    case RowFormat::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(at(r));
+      for (int64_t i = 0; i < dim; ++i) dst[i] = detail::to_bf16(src[i]);
+      return;
+    }
+    case RowFormat::kFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(at(r));
+      for (int64_t i = 0; i < dim; ++i) dst[i] = detail::to_f16(src[i]);
+      return;
+    }
+  }
+}
+
 // Orders this thread's streaming stores before whatever publishes its results.
 void end_streams(const Plan& p) {
 #if defined(__SSE2__)
@@ -83,14 +132,16 @@ void end_streams(const Plan& p) {
 // pairs; int8: one word, widened and scaled as key_row does), without a row
 // in between. False (nothing written) where that does not apply (float16,
 // rows, dimensions not a multiple of 4, results not streamed).
-bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, float* dst) {
+bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, void* row) {
 #if defined(__SSE2__)
   const MemoryView& m = *p.m;
+  float* dst = static_cast<float*>(row);
   if (!p.stream || m.key_layout != KeyLayout::kPanels || m.key_format == KeyFormat::kFloat16 ||
-      m.key_dim % 4 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+      p.out->key_format != RowFormat::kFloat32 || m.key_dim % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
     return false;
   }
-  const int64_t at = g * padded_capacity(m.capacity) + slot;  // the slot's entry
+  const int64_t at = m.cell(g) * padded_capacity(m.capacity) + slot;  // the slot's entry
   const int64_t base = (at - slot % kPanelSlots) * key_words(m.key_format, m.key_dim);
   const int64_t S = kPanelSlots;
   if (m.key_format == KeyFormat::kFloat32) {
@@ -123,7 +174,7 @@ bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, float* dst) {
   }
   return true;
 #else
-  (void)p, (void)g, (void)slot, (void)dst;
+  (void)p, (void)g, (void)slot, (void)row;
   return false;
 #endif
 }
@@ -134,7 +185,7 @@ void prefetch_value(const Plan& p, int64_t g, int64_t slot) {
   const MemoryView& m = *p.m;
   if (!p.out->values) return;
   const char* row =
-      reinterpret_cast<const char*>(m.values + (g * m.capacity + slot) * m.value_stride);
+      reinterpret_cast<const char*>(m.values + (m.cell(g) * m.capacity + slot) * m.value_stride);
   for (int64_t b = 0; b < m.value_dim * 4; b += 64) __builtin_prefetch(row + b);
 }
 
@@ -154,7 +205,7 @@ class ValuePrefetch {
         bytes > kMaxPrefetchBytes) {
       return;
     }
-    begin_ = reinterpret_cast<const char*>(m.values + g * m.capacity * m.value_stride);
+    begin_ = reinterpret_cast<const char*>(m.values + m.cell(g) * m.capacity * m.value_stride);
     bytes_ = bytes;
     per_query_ = (bytes / num_queries + 63) / 64 * 64;
   }
@@ -174,13 +225,11 @@ class ValuePrefetch {
 // The stored key and the value of a hit into result row o.
 void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
   const MemoryView& m = *p.m;
-  const SearchOutput& out = *p.out;
-  if (out.keys && !stream_panel_key(p, g, slot, out.keys + o * m.key_dim)) {
-    copy_floats(out.keys + o * m.key_dim, key_row(m, g, slot, scratch), m.key_dim, p.stream);
+  if (const RowOut keys = key_rows(p); keys && !stream_panel_key(p, g, slot, keys.at(o))) {
+    keys.put(o, key_row(m, g, slot, scratch), p.stream);
   }
-  if (out.values) {
-    copy_floats(out.values + o * m.value_dim, m.values + (g * m.capacity + slot) * m.value_stride,
-                m.value_dim, p.stream);
+  if (const RowOut values = value_rows(p)) {
+    values.put(o, m.values + (m.cell(g) * m.capacity + slot) * m.value_stride, p.stream);
   }
 }
 
@@ -195,16 +244,17 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
   const int64_t written = m.written[g];
   const int64_t o = (g * p.num_queries + q) * k;
   const SearchOutput& out = *p.out;
+  const RowOut keys = key_rows(p), values = value_rows(p);
   for (int64_t j = 0; j < k; ++j) {
     const bool hit = j < found;
     const int32_t slot = hit ? best[j].slot : -1;
-    out.scores[o + j] = hit ? best[j].score : kNegInf;
-    out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
-    out.mask[o + j] = hit;
+    if (out.scores) out.scores[o + j] = hit ? best[j].score : kNegInf;
+    if (out.indices) out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
+    if (out.mask) out.mask[o + j] = hit;
     slots[j] = slot;
     if (hit) continue;
-    if (out.keys) std::fill_n(out.keys + (o + j) * m.key_dim, m.key_dim, 0.0f);
-    if (out.values) std::fill_n(out.values + (o + j) * m.value_dim, m.value_dim, 0.0f);
+    if (keys) keys.zero(o + j);
+    if (values) values.zero(o + j);
   }
 }
 

@@ -16,7 +16,8 @@ namespace knnmem::search_impl {
 void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
                bool exact, Partial& part, uint32_t* shared_bound) {
   const MemoryView& m = *p.m;
-  const int64_t written = m.written[g];
+  const int64_t written = m.written[g];  // the search's snapshot, indexed by g
+  const int64_t c = m.cell(g);           // where memory g is stored
   const int64_t nq = q1 - q0;
   const int64_t dim = m.key_dim;
   const Metric metric = p.opt->metric;
@@ -100,11 +101,11 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
     KNNMEM_ASSERT(m.key_aux != nullptr || metric == Metric::kInnerProduct);
     KNNMEM_ASSERT(m.key_aux == nullptr || m.aux_metric == metric);
     args.panels =
-        static_cast<const uint32_t*>(m.keys) + (g * padded + s_begin) * key_words(format, dim);
-    args.key_aux = m.key_aux ? m.key_aux + g * padded + s_begin : nullptr;
+        static_cast<const uint32_t*>(m.keys) + (c * padded + s_begin) * key_words(format, dim);
+    args.key_aux = m.key_aux ? m.key_aux + c * padded + s_begin : nullptr;
     if (format == KeyFormat::kInt8) {
-      args.key_scale = m.key_scale + g * padded + s_begin;
-      args.key_sum = m.key_sum + g * padded + s_begin;
+      args.key_scale = m.key_scale + c * padded + s_begin;
+      args.key_sum = m.key_sum + c * padded + s_begin;
     }
     args.begin = s_begin;
     args.end = s_end;
@@ -118,7 +119,7 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   std::vector<float> aux(static_cast<std::size_t>(kPackSlots), 0.0f);
   std::vector<float> scale(static_cast<std::size_t>(kPackSlots), 0.0f);
   std::vector<int32_t> sum(static_cast<std::size_t>(kPackSlots), 0);
-  const float* rows = static_cast<const float*>(m.keys) + g * m.capacity * m.key_stride;
+  const float* rows = static_cast<const float*>(m.keys) + c * m.capacity * m.key_stride;
   const bool norm = metric != Metric::kInnerProduct;
   for (int64_t b0 = s_begin; b0 < s_end; b0 += kPackSlots) {
     const int64_t b1 = std::min(s_end, b0 + kPackSlots);

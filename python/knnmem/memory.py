@@ -8,17 +8,24 @@ from typing import Any
 import numpy as np
 
 from . import _core, _persist, cuda
-from ._arrays import as_array, as_float32, check_grid_array, framework_of, to_framework
+from ._arrays import as_float32, check_grid_array, framework_of, to_framework
 from ._contract import (
     KEY_DTYPES,
     MAX_CAPACITY,
     METRICS,
     PRECISIONS,
+    ROW_DTYPES,
     SearchResult,
+    cells_first,
+    check_fields,
     check_recall_target,
+    check_row_dtype,
     check_search_args,
     check_sizes,
+    grid_index,
     normalize_shape,
+    prepare_out,
+    select_cells,
     wrap_result,
 )
 
@@ -30,6 +37,7 @@ __all__ = [
     "MAX_CAPACITY",
     "METRICS",
     "PRECISIONS",
+    "ROW_DTYPES",
     "check_recall_target",
     "check_search_args",
     "check_sizes",
@@ -155,21 +163,30 @@ class Memory:
         )
 
     # -- operations -------------------------------------------------------------
-    def add(self, keys: Any, values: Any) -> None:
+    def add(self, keys: Any, values: Any, *, which: Any = None) -> None:
         """Appends a segment: keys [*shape, T, key_dim], values [*shape, T, value_dim].
 
         FIFO per memory; if T > capacity only the last `capacity` rows are kept
         (positions still advance by T). All-or-nothing: bad input raises and
         changes nothing.
+
+        which: add to some memories only -- a bool mask of the grid's shape, or
+        indices as numpy takes them for a [*shape] array (as for clear); keys and
+        values then have the selected sub-grid's shape in place of the grid's
+        (e.g. [len(rows), heads, T, key_dim] for which=rows of a (batch, heads)
+        grid). Each memory may be selected once. No other memory is read or copied.
         """
+        cells, shape = select_cells(which, self._shape)
         if self._device is not None:
+            if cells is not None:
+                raise ValueError("which: not supported by CUDA memories")
             self._core.add(self._shape, keys, values)
             return
         keys = as_float32(keys, "keys")
         values = as_float32(values, "values")
-        t = check_grid_array(keys, "keys", self._shape, None, self.key_dim, "T", "key_dim")
-        check_grid_array(values, "values", self._shape, t, self.value_dim, "T", "value_dim")
-        self._core.add(keys, values)
+        t = check_grid_array(keys, "keys", shape, None, self.key_dim, "T", "key_dim")
+        check_grid_array(values, "values", shape, t, self.value_dim, "T", "value_dim")
+        self._core.add(cells_first(keys), cells_first(values), which=cells)
 
     def search(
         self,
@@ -177,46 +194,61 @@ class Memory:
         k: int = 32,
         recall_target: float = 0.9,
         out: SearchResult | None = None,
+        *,
+        fields: Any = None,
+        which: Any = None,
+        row_dtype: Any = "float32",
     ) -> SearchResult:
         """Approximate top-k of queries [*shape, Q, key_dim] in their memories.
 
         recall_target: expected fraction of the exact top-k found, in (0, 1];
         1.0 means exact search. See knnmem.eval.expected_recall.
-        out: a SearchResult of numpy arrays from an earlier search of the same
-        shapes, written in place and returned (a loop that reuses it saves
-        allocating, and page-faulting, fresh result memory every step).
+        fields: the SearchResult fields to compute, e.g. ("scores", "values") or
+            "values"; the others are None and cost nothing (keys and values not
+            asked for are never read). Default: all five, or, with out=, the
+            fields of out that are not None.
+        out: a SearchResult whose arrays (numpy arrays or CPU torch tensors) are
+            written in place, None where a field is returned new or not wanted.
+            Shapes are the result's; key and value arrays may be float32, float16
+            or bfloat16 and any view whose rows are equally spaced -- e.g. the two
+            halves of one interleaved buffer, buf[..., 0, :] and buf[..., 1, :] of
+            a [*shape, Q, k, 2, d] array. A loop that reuses out saves allocating
+            (and page-faulting) fresh result memory every step.
+        which: search some memories only (see add); queries and results then have
+            the sub-grid's shape.
+        row_dtype: "float32", "bfloat16" or "float16": the dtype of new key and
+            value arrays (rounded to nearest even). bfloat16 results are torch
+            bfloat16 tensors for torch queries, ml_dtypes.bfloat16 arrays otherwise.
         """
         framework = framework_of(queries)
         k, recall_target = check_search_args(k, recall_target, self.capacity)
+        fields = check_fields(fields)
+        row_dtype = check_row_dtype(row_dtype)
+        cells, shape = select_cells(which, self._shape)
         if self._device is not None:
-            if out is not None:
-                raise ValueError("out: not supported by CUDA memories")
+            lean = (out, fields, cells) != (None, None, None) or row_dtype != "float32"
+            if lean:
+                raise ValueError("out, fields, which, row_dtype: not supported by CUDA memories")
             raw = self._core.search(self._shape, queries, k, recall_target)
             if isinstance(raw[0], np.ndarray):
                 raw = tuple(to_framework(a, framework) for a in raw)
             return SearchResult(*raw)
         q = as_float32(queries, "queries")
-        nq = check_grid_array(q, "queries", self._shape, None, self.key_dim, "Q", "key_dim")
-        if out is None:
-            return wrap_result(self._core.search(q, k, recall_target), self._shape, framework)
-        self._core.search(q, k, recall_target, out=self._flat_out(out, nq, k))
-        return out
-
-    def _flat_out(self, out: Any, nq: int, k: int) -> tuple:
-        """The arrays of `out` viewed as the core's [G, Q, k, ...], checked."""
-        if not isinstance(out, tuple) or len(out) != 5:
-            raise TypeError(f"out: expected a SearchResult, got {type(out).__name__}")
-        dims = {"keys": (self.key_dim,), "values": (self.value_dim,)}
-        flat = []
-        for name, arr in zip(SearchResult._fields, out):
-            shape = (*self._shape, nq, k, *dims.get(name, ()))
-            if not isinstance(arr, np.ndarray) or arr.shape != shape:
-                got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise ValueError(f"out: {name} must be a numpy array of shape {shape}, got {got}")
-            flat.append(arr.reshape((-1, *shape[len(self._shape) :])))
-            if not np.shares_memory(flat[-1], arr):
-                raise ValueError(f"out: {name} must be C-contiguous")
-        return tuple(flat)
+        nq = check_grid_array(q, "queries", shape, None, self.key_dim, "Q", "key_dim")
+        core_out, key_dtype, value_dtype = prepare_out(
+            out, shape, nq, k, self.key_dim, self.value_dim, row_dtype
+        )
+        raw = self._core.search(
+            cells_first(q),
+            k,
+            recall_target,
+            out=core_out,
+            fields=fields,
+            which=cells,
+            key_dtype=key_dtype,
+            value_dtype=value_dtype,
+        )
+        return wrap_result(raw, shape, framework, out)
 
     def save(self, path: Any) -> None:
         """Writes the memory to `path` atomically (docs/format.md): a safetensors file
@@ -247,34 +279,12 @@ class Memory:
         self._core.clear(grid_mask(which, self._shape).reshape(-1))
 
 
-def _index_part(x: Any) -> Any:
-    """One component of a grid index, checked: ints, int arrays, slices."""
-    if x is Ellipsis or isinstance(x, slice):
-        return x
-    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
-        return x
-    arr = as_array(x, "which")
-    if arr.size == 0 and arr.dtype.kind in "fO":  # [] comes in as float64
-        return arr.astype(np.intp)
-    if arr.dtype.kind in "iu" or (arr.dtype == object and all(type(v) is int for v in arr.flat)):
-        return arr
-    raise TypeError(f"which: expected None, a bool mask or integer indices, got dtype {arr.dtype}")
-
-
 def grid_mask(which: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A [*shape] bool array selecting the memories `which` names."""
+    index = grid_index(which, shape)
+    if isinstance(index, np.ndarray) and index.dtype == bool:
+        return index.copy()
     mask = np.zeros(shape, dtype=bool)
-    if isinstance(which, tuple):
-        index = tuple(_index_part(x) for x in which)
-    else:
-        arr = None if isinstance(which, slice) or which is Ellipsis else as_array(which, "which")
-        if arr is not None and arr.dtype == bool:
-            if arr.shape != shape:
-                raise ValueError(
-                    f"which: expected a bool mask of shape {shape}, got shape {arr.shape}"
-                )
-            return arr.copy()
-        index = _index_part(which)
     try:
         mask[index] = True
     except (IndexError, OverflowError) as e:

@@ -26,9 +26,14 @@ from ._contract import (
     METRICS,
     PRECISIONS,
     SearchResult,
+    cells_first,
+    check_fields,
+    check_row_dtype,
     check_search_args,
     check_sizes,
     normalize_shape,
+    prepare_out,
+    select_cells,
     wrap_result,
 )
 
@@ -109,11 +114,15 @@ def add(
     written: np.ndarray,
     new_keys: Any,
     new_values: Any,
+    *,
+    which: Any = None,
 ) -> None:
     """Appends new_keys [*shape, T, key_dim] / new_values [*shape, T, value_dim] in
     place (FIFO). keys and values must be writeable C-contiguous float32 numpy arrays,
     written a writeable C-contiguous int64 array; everything is checked before
-    anything changes."""
+    anything changes. which: add to selected memories only (as knnmem.Memory.add);
+    new_keys and new_values then have the sub-grid's shape. The other memories'
+    rows are neither read nor copied."""
     for arr, name, dtype in (
         (keys, "keys", np.float32),
         (values, "values", np.float32),
@@ -125,11 +134,12 @@ def add(
             raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
     shape, k, v, w = _ring(keys, values, written, in_place=True)
     _check_written(written)
+    cells, shape = select_cells(which, shape)
     nk = as_float32(new_keys, "new_keys")
     nv = as_float32(new_values, "new_values")
     t = check_grid_array(nk, "new_keys", shape, None, k.shape[-1], "T", "key_dim")
     check_grid_array(nv, "new_values", shape, t, v.shape[-1], "T", "value_dim")
-    _core.add(k, v, w, nk, nv)
+    _core.add(k, v, w, cells_first(nk), cells_first(nv), which=cells)
 
 
 def search(
@@ -142,8 +152,13 @@ def search(
     recall_target: float = 0.9,
     metric: str = "ip",
     precision: str = "float32",
+    out: SearchResult | None = None,
+    fields: Any = None,
+    which: Any = None,
+    row_dtype: Any = "float32",
 ) -> SearchResult:
-    """knnmem.Memory.search on a caller-owned grid (see the module docstring).
+    """knnmem.Memory.search on a caller-owned grid (see the module docstring);
+    out, fields, which and row_dtype as there.
 
     precision: the format keys are scored in -- "float32", or "bfloat16" / "int8",
     which round each key as a knnmem.Memory of that dtype stores it (bins chosen
@@ -163,7 +178,27 @@ def search(
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     shape, k_, v_, w_ = _ring(keys, values, written)
     k, recall_target = check_search_args(k, recall_target, k_.shape[1])
+    fields = check_fields(fields)
+    row_dtype = check_row_dtype(row_dtype)
+    cells, shape = select_cells(which, shape)
     q = as_float32(queries, "queries")
-    check_grid_array(q, "queries", shape, None, k_.shape[-1], "Q", "key_dim")
-    raw = _core.search(k_, v_, w_, q, k, recall_target, metric, precision)
-    return wrap_result(raw, shape, framework)
+    nq = check_grid_array(q, "queries", shape, None, k_.shape[-1], "Q", "key_dim")
+    core_out, key_dtype, value_dtype = prepare_out(
+        out, shape, nq, k, k_.shape[-1], v_.shape[-1], row_dtype
+    )
+    raw = _core.search(
+        k_,
+        v_,
+        w_,
+        cells_first(q),
+        k,
+        recall_target,
+        metric,
+        precision,
+        out=core_out,
+        fields=fields,
+        which=cells,
+        key_dtype=key_dtype,
+        value_dtype=value_dtype,
+    )
+    return wrap_result(raw, shape, framework, out)

@@ -204,6 +204,14 @@ struct MemoryView {
   KeyFormat key_format = KeyFormat::kFloat32;  // kPanels only
   Metric aux_metric = Metric::kInnerProduct;   // what key_aux holds
   const Placement* placement = nullptr;
+  // A sub-grid: when set, memory g of the view (g < grid) is memory cells[g]
+  // of the storage, whose per-memory arrays (keys, values, key_aux, key_scale,
+  // key_sum, written) are indexed by that cell; queries, new rows and results
+  // stay indexed by g. The caller checks the cells against its storage
+  // (check_cells). Null: memory g is cell g.
+  const int64_t* cells = nullptr;
+
+  int64_t cell(int64_t g) const { return cells ? cells[g] : g; }
 };
 
 struct MutableMemoryView {
@@ -223,13 +231,20 @@ struct MutableMemoryView {
   KeyFormat key_format = KeyFormat::kFloat32;  // kPanels only
   Metric aux_metric = Metric::kInnerProduct;
   const Placement* placement = nullptr;
+  const int64_t* cells = nullptr;  // as MemoryView::cells
 
+  int64_t cell(int64_t g) const { return cells ? cells[g] : g; }
   MemoryView as_const() const {
     return MemoryView{keys,       values,     key_aux,    key_scale,  key_sum,   written,
                       grid,       capacity,   key_dim,    key_stride, value_dim, value_stride,
-                      key_layout, key_format, aux_metric, placement};
+                      key_layout, key_format, aux_metric, placement,  cells};
   }
 };
+
+// Checks a sub-grid selection of `count` memories of a grid of `grid`: every
+// index in [0, grid), and, with `distinct` (what add needs: one writer per
+// memory), none twice. Throws InvalidArgument naming `which`.
+void check_cells(const int64_t* cells, int64_t count, int64_t grid, bool distinct);
 
 struct SearchOptions {
   int64_t k = 32;
@@ -242,17 +257,34 @@ struct SearchOptions {
   KeyFormat score_format = KeyFormat::kFloat32;
 };
 
-// Outputs of a search over Q queries per memory; every pointer is required
-// except keys/values (null: not gathered). Shapes:
+// Element type of the key and value rows a search writes.
+enum class RowFormat : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Parses "float32" | "bfloat16" | "float16"; throws InvalidArgument naming `what`.
+RowFormat parse_row_format(const std::string& name, const char* what);
+const char* row_format_name(RowFormat format);
+
+// Outputs of a search over Q queries per memory. Every field is optional: a
+// null pointer is not written (and keys or values not asked for are never
+// read from the memory). Result r = (g * Q + q) * k + j. Shapes:
 //   scores [G][Q][k] float, indices [G][Q][k] int64 (stream positions, -1 = none),
-//   mask [G][Q][k] bool, keys [G][Q][k][key_dim], values [G][Q][k][value_dim].
+//   mask [G][Q][k] bool,
+//   keys: row r (key_dim elements of key_format) starts at element
+//         r * key_row_stride of `keys` (0: key_dim, dense rows); values alike.
+// Strides let the caller choose the layout, e.g. keys and values interleaved
+// in one [.., k, 2, d] buffer: keys = buf, values = buf + d, both strides 2d.
+// bfloat16 and float16 rows are rounded to nearest even from the float32 row.
 // Entries are best first; empty entries hold -inf / -1 / false / zeros.
 struct SearchOutput {
   float* scores = nullptr;
   int64_t* indices = nullptr;
   bool* mask = nullptr;
-  float* keys = nullptr;
-  float* values = nullptr;
+  void* keys = nullptr;
+  void* values = nullptr;
+  int64_t key_row_stride = 0;
+  int64_t value_row_stride = 0;
+  RowFormat key_format = RowFormat::kFloat32;
+  RowFormat value_format = RowFormat::kFloat32;
 };
 
 // Queries are [G][Q][key_dim], contiguous. Runs on the shared thread pool.
@@ -319,10 +351,14 @@ class Memory {
   int64_t nbytes() const;
   const Placement& placement() const { return *placement_; }
 
-  // See the free functions. Inputs are trusted here, as there.
-  void add(const float* new_keys, const float* new_values, int64_t num_rows);
+  // See the free functions. Inputs are trusted here, as there. `cells`
+  // (num_cells memories; null: the whole grid) selects a sub-grid: inputs and
+  // outputs then hold num_cells memories, in that order. The cells are checked
+  // (check_cells; distinct for add) under the lock, before anything changes.
+  void add(const float* new_keys, const float* new_values, int64_t num_rows,
+           const int64_t* cells = nullptr, int64_t num_cells = 0);
   void search(const float* queries, int64_t num_queries, int64_t k, double recall_target,
-              const SearchOutput& out) const;
+              const SearchOutput& out, const int64_t* cells = nullptr, int64_t num_cells = 0) const;
   // clear_mask: `grid` flags, or null for all. O(1) per memory.
   void clear(const uint8_t* clear_mask);
 
