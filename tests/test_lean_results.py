@@ -290,3 +290,89 @@ def test_ops_sub_grids_and_lean_results_match_memory() -> None:
     with pytest.raises(ValueError, match=r"^which: memory 4 is selected twice"):
         ops.add(keys, values, written, _rows(rng, 2, 1, 8), _rows(rng, 2, 1, 8), which=(2, [0, 0]))
     np.testing.assert_array_equal(written, before)
+
+
+# -- torch: KNNMemory and the custom ops ---------------------------------------------------------
+
+
+def _torch_memory(seed=11, shape=(2, 3), capacity=256, d=16, rows=200):
+    from knnmem.torch import KNNMemory
+
+    gen = torch.Generator().manual_seed(seed)
+    mem = KNNMemory(shape, capacity, d, d)
+    mem.add(
+        torch.randn(*shape, rows, d, generator=gen), torch.randn(*shape, rows, d, generator=gen)
+    )
+    return mem, torch.randn(*shape, 5, d, generator=gen)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_torch_fields_row_dtype_and_sub_grids(reference) -> None:
+    from knnmem.torch import use_reference
+
+    mem, q = _torch_memory()
+    ctx = use_reference("cpu") if reference else torch.no_grad()
+    with ctx:
+        full = mem.search(q, 4, 1.0)
+        lean = mem.search(q, 4, 1.0, fields=("scores", "values"))
+        sub = mem.search(q[:, [2, 0]], 4, 1.0, which=(slice(None), [2, 0]))
+        bf = mem.search(q, 4, 1.0, fields="values", row_dtype=torch.bfloat16)
+    assert lean.keys is None and lean.indices is None and lean.mask is None
+    assert torch.equal(lean.scores, full.scores) and torch.equal(lean.values, full.values)
+    for a, b in zip(sub, full):
+        assert torch.equal(a, b[:, [2, 0]])
+    assert bf.values.dtype == torch.bfloat16 and torch.equal(bf.values, full.values.bfloat16())
+
+
+def test_torch_out_writes_into_interleaved_and_sub_grid_views() -> None:
+    mem, q = _torch_memory(12)
+    full = mem.search(q, 4)
+    kv = torch.empty(2, 3, 5, 4, 2, 16, dtype=torch.bfloat16)
+    out = SearchResult(None, None, kv[..., 0, :], kv[..., 1, :], None)
+    assert mem.search(q, 4, out=out) is out
+    assert torch.equal(kv[..., 0, :], full.keys.bfloat16())
+    assert torch.equal(kv[..., 1, :], full.values.bfloat16())
+    scores = torch.empty(1, 3, 5, 4)
+    mem.search(q[[1]], 4, which=[1], out=SearchResult(scores, None, None, None, None))
+    assert torch.equal(scores, full.scores[[1]])
+    with pytest.raises(ValueError, match=r"^out: give either out or fields"):
+        mem.search(q, 4, out=out, fields="values")
+
+
+def test_torch_sub_grid_add_touches_only_the_selected_memories() -> None:
+    from knnmem.torch import use_reference
+
+    for reference in (False, True):
+        mem, q = _torch_memory(13)
+        keys_before = mem.keys.clone()
+        new_k, new_v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+        ctx = use_reference("cpu") if reference else torch.no_grad()
+        with ctx:
+            mem.add(new_k[:, [1]], new_v[:, [1]], which=(slice(None), [1]))
+            with pytest.raises(ValueError, match=r"^which: .*selected twice"):
+                mem.add(new_k[0, [1, 1]], new_v[0, [1, 1]], which=(0, [1, 1]))
+        assert mem.written.tolist() == [[200, 207, 200], [200, 207, 200]]
+        assert torch.equal(mem.keys[:, [0, 2]], keys_before[:, [0, 2]])
+
+
+def test_torch_gradient_without_keys_fetches_them_only_for_the_backward() -> None:
+    mem, q = _torch_memory(14)
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    lean = mem.search(q1, 4, fields=("scores", "values"))
+    assert lean.keys is None
+    (lean.scores * torch.arange(4.0)).sum().backward()
+    (mem.search(q2, 4).scores * torch.arange(4.0)).sum().backward()
+    assert torch.equal(q1.grad, q2.grad)
+    raw = torch.ops.knnmem.search(
+        mem.keys, mem.values, mem.written, q1, 4, 0.9, "ip", "float32", "scores"
+    )
+    with pytest.raises(RuntimeError, match=r"the gradient of scores needs the retrieved keys"):
+        raw[0].sum().backward()
+
+
+def test_torch_lean_search_compiles_without_graph_breaks() -> None:
+    mem, q = _torch_memory(15)
+    fn = torch.compile(
+        lambda x: mem.search(x, 4, fields=("scores", "values")).values, fullgraph=True
+    )
+    assert torch.equal(fn(q), mem.search(q, 4).values)

@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 
 from .._arrays import check_dense_tensor
-from .._contract import METRICS, PRECISIONS, check_search_args
+from .._contract import (
+    METRICS,
+    PRECISIONS,
+    ROW_DTYPES,
+    SearchResult,
+    check_fields,
+    check_row_dtype,
+    check_search_args,
+)
 
 # Dtypes the ops take for queries, new_keys and new_values (converted to float32).
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -108,25 +116,71 @@ def check_rows(
     return x.shape[-2]
 
 
+ALL_FIELDS = ",".join(SearchResult._fields)
+# Row dtypes of the op's key and value results (row_dtype=).
+ROW_TORCH_DTYPES = {name: getattr(torch, name) for name in ROW_DTYPES}
+
+
+def parse_fields(fields: str) -> tuple:
+    """The op's fields string ("scores,values": names of SearchResult fields, comma
+    separated) as a tuple of 5 bools in SearchResult order."""
+    if not isinstance(fields, str):
+        raise TypeError(f"fields: expected a comma-separated string, got {type(fields).__name__}")
+    names = [f.strip() for f in fields.split(",")]
+    check_fields(names)
+    return tuple(name in names for name in SearchResult._fields)
+
+
+def check_which(which: Optional[Tensor], shape: tuple, device: torch.device) -> tuple:
+    """The grid the op's inputs and results have: `shape`, or (len(which),) for a
+    sub-grid given as a 1-d int64 tensor of flat memory indices (their range, and for
+    add their distinctness, are checked where the values are read, by the kernels)."""
+    if which is None:
+        return shape
+    if not isinstance(which, Tensor) or which.dtype != torch.int64 or which.dim() != 1:
+        raise TypeError("which: expected a 1-d int64 tensor of memory indices")
+    check_dense_tensor(which, "which")
+    if which.device != device:
+        raise ValueError(
+            f"which: expected a tensor on {device} (as the memory), got {which.device}"
+        )
+    return (which.shape[0],)
+
+
 def check_search(
-    keys, values, written, queries, k=32, recall_target=0.9, metric="ip", precision="float32"
+    keys,
+    values,
+    written,
+    queries,
+    k=32,
+    recall_target=0.9,
+    metric="ip",
+    precision="float32",
+    fields=ALL_FIELDS,
+    row_dtype="float32",
+    which=None,
 ) -> tuple:
     """Checks the arguments of knnmem::search; returns (grid shape, Q, k, recall_target,
-    key_dim, value_dim). The defaults are the op's: the dispatcher leaves trailing
-    defaulted arguments out when it calls the nested-tensor refusals of _ops."""
+    key_dim, value_dim, fields as 5 bools). The defaults are the op's: the dispatcher
+    leaves trailing defaulted arguments out when it calls the nested-tensor refusals
+    of _ops. With which, the grid is (len(which),) (queries [len(which), Q, key_dim])."""
     shape, capacity, key_dim, value_dim = check_ring(keys, values, written, in_place=False)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     k, recall_target = check_search_args(k, recall_target, capacity)
+    want = parse_fields(fields)
+    check_row_dtype(row_dtype)
+    shape = check_which(which, shape, keys.device)
     nq = check_rows(queries, "queries", shape, None, key_dim, "Q", "key_dim", keys.device)
-    return shape, nq, k, recall_target, key_dim, value_dim
+    return shape, nq, k, recall_target, key_dim, value_dim, want
 
 
-def check_add(keys, values, written, new_keys, new_values) -> None:
+def check_add(keys, values, written, new_keys, new_values, which=None) -> None:
     """Checks the arguments of knnmem::add (the ring must be contiguous, no grad)."""
     shape, _, key_dim, value_dim = check_ring(keys, values, written, in_place=True)
+    shape = check_which(which, shape, keys.device)
     t = check_rows(new_keys, "new_keys", shape, None, key_dim, "T", "key_dim", keys.device)
     check_rows(new_values, "new_values", shape, t, value_dim, "T", "value_dim", keys.device)
 

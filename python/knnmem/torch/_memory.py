@@ -11,9 +11,12 @@ from .._contract import (
     METRICS,
     PRECISIONS,
     SearchResult,
+    check_fields,
+    check_row_dtype,
     check_search_args,
     check_sizes,
     normalize_shape,
+    select_cells,
 )
 from ..memory import grid_mask  # the index forms of clear(), as knnmem.Memory.clear takes them
 from . import _ops  # noqa: F401  (registers torch.ops.knnmem.*, which the methods call)
@@ -27,6 +30,22 @@ def _search_args(k: Any, recall_target: Any, capacity: int) -> tuple[int, float]
     arguments, instead of tracing into it: it calls the C++ core
     (knnmem._core.check_search_options), which dynamo cannot trace (a graph break)."""
     return check_search_args(k, recall_target, capacity)
+
+
+def _rows_first(x: Any, shape: tuple, name: str, extra: bool = False, view: bool = False) -> Any:
+    """x [*shape, rows, cols] (with extra: [*shape, rows, k, cols]) as [S, rows, ...]
+    for the ops, whose sub-grid is flat; a view where x allows one (with view: always,
+    else a RuntimeError from torch)."""
+    lead = len(shape)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    tail = 3 if extra else 2
+    if x.dim() != lead + tail or tuple(x.shape[:lead]) != shape:
+        raise ValueError(
+            f"{name}: expected a tensor whose leading dims are the selected sub-grid "
+            f"{shape}, got shape {tuple(x.shape)}"
+        )
+    return x.view(-1, *x.shape[lead:]) if view else x.reshape(-1, *x.shape[lead:])
 
 
 class KNNMemory(nn.Module):
@@ -112,26 +131,88 @@ class KNNMemory(nn.Module):
         """[*shape] int64: rows each memory holds now (at most capacity)."""
         return self.written.clamp(max=self.capacity)
 
-    def add(self, keys: Tensor, values: Tensor) -> None:
-        """Appends a segment: keys [*shape, T, key_dim], values [*shape, T, value_dim]
-        (detached; FIFO; all-or-nothing)."""
-        torch.ops.knnmem.add(self.keys, self.values, self.written, keys.detach(), values.detach())
+    def _which(self, which: Any) -> tuple:
+        """(flat int64 indices on the memory's device or None, the sub-grid's shape)."""
+        if isinstance(which, Tensor):
+            which = as_array(which, "which")
+        cells, shape = select_cells(which, self.shape)
+        if cells is None:
+            return None, shape
+        return torch.from_numpy(cells).to(self.written.device), shape
 
-    def search(self, queries: Tensor, k: int = 32, recall_target: float = 0.9) -> SearchResult:
+    def add(self, keys: Tensor, values: Tensor, *, which: Any = None) -> None:
+        """Appends a segment: keys [*shape, T, key_dim], values [*shape, T, value_dim]
+        (detached; FIFO; all-or-nothing). which: add to some memories only (a bool
+        mask of the grid's shape, or indices as knnmem.Memory.add takes them); keys
+        and values then have the sub-grid's shape. On the CPU no other memory is
+        read or copied."""
+        cells, shape = self._which(which)
+        keys, values = keys.detach(), values.detach()
+        if cells is not None:
+            keys = _rows_first(keys, shape, "keys")
+            values = _rows_first(values, shape, "values")
+        torch.ops.knnmem.add(self.keys, self.values, self.written, keys, values, cells)
+
+    def search(
+        self,
+        queries: Tensor,
+        k: int = 32,
+        recall_target: float = 0.9,
+        *,
+        fields: Any = None,
+        which: Any = None,
+        row_dtype: Any = "float32",
+        out: Optional[SearchResult] = None,
+    ) -> SearchResult:
         """Approximate top-k of queries [*shape, Q, key_dim]; a SearchResult of tensors
-        on the memory's device (scores differentiable w.r.t. queries)."""
+        on the memory's device (scores differentiable w.r.t. queries).
+
+        fields: the fields to compute (a name or names); the others are None and cost
+            nothing. Where queries require grad and scores are asked for, the keys are
+            fetched too (the gradient needs them) but not returned unless asked.
+        which: search some memories only (as add); queries and results then have the
+            sub-grid's shape.
+        row_dtype: torch.float32, torch.bfloat16 or torch.float16 (or their names):
+            the dtype of the key and value rows.
+        out: a SearchResult of tensors written in place (None where a field is not
+            wanted), as knnmem.Memory.search's out; not differentiable. The
+            fields are those of out.
+        """
         k, recall_target = _search_args(k, recall_target, self.capacity)
-        out = torch.ops.knnmem.search(
-            self.keys,
-            self.values,
-            self.written,
-            queries,
-            k,
-            recall_target,
-            self.metric,
-            self.precision,
+        names = check_fields(fields)
+        row_dtype = check_row_dtype(row_dtype)
+        cells, shape = self._which(which)
+        q = queries if cells is None else _rows_first(queries, shape, "queries")
+        args = (self.keys, self.values, self.written, q, k, recall_target, self.metric)
+        if out is not None:
+            if names is not None or row_dtype != "float32":
+                raise ValueError("out: give either out or fields / row_dtype (out sets both)")
+            if not isinstance(out, tuple) or len(out) != 5:
+                raise TypeError(
+                    f"out: expected a SearchResult (5 fields), got {type(out).__name__}"
+                )
+            flat = list(out)
+            if cells is not None:  # views of the caller's tensors with the sub-grid flat
+                flat = [
+                    None
+                    if t is None
+                    else _rows_first(t, shape, "out", extra=n in (2, 3), view=True)
+                    for n, t in enumerate(out)
+                ]
+            torch.ops.knnmem.search_out(*args, self.precision, cells, *flat)
+            return out
+        want = set(SearchResult._fields if names is None else names)
+        ask = set(want)
+        if "scores" in ask and torch.is_grad_enabled() and queries.requires_grad:
+            ask.add("keys")  # the gradient of scores needs them
+        fields = ",".join(f for f in SearchResult._fields if f in ask)
+        raw = torch.ops.knnmem.search(*args, self.precision, fields, row_dtype, cells)
+        return SearchResult(
+            *(
+                (a if cells is None else a.reshape(*shape, *a.shape[1:])) if f in want else None
+                for f, a in zip(SearchResult._fields, raw)
+            )
         )
-        return SearchResult(*out)
 
     def clear(self, which: Any = None) -> None:
         """Empties memories: all (None); a bool tensor of the grid's shape, or of a

@@ -15,6 +15,7 @@ use_reference() switches the first two to the reference for a block (tests, comp
 
 import contextlib
 from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,10 +24,18 @@ from torch import Tensor
 from .. import _core
 from .. import cuda as _kcuda
 from .._arrays import as_float32
+from .._contract import SearchResult
 from . import _reference
-from ._checks import check_add, check_clear, check_search
+from ._checks import (
+    ALL_FIELDS,
+    ROW_TORCH_DTYPES,
+    check_add,
+    check_clear,
+    check_search,
+    parse_fields,
+)
 
-__all__ = ["search", "add", "clear", "use_reference"]
+__all__ = ["search", "search_out", "add", "clear", "use_reference"]
 
 # Device types whose tensors the C++ core serves (zero-copy); the rest run the reference.
 _CORE_DEVICES: tuple[str, ...] = ("cpu",)
@@ -94,12 +103,65 @@ def _np_ring(keys: Tensor, values: Tensor, written: Tensor) -> tuple:
     )
 
 
-def _search_cpu(keys, values, written, queries, k, recall_target, metric, precision):
-    shape = tuple(written.shape)
+def _tensor(a: Optional[np.ndarray], shape: tuple, dtype: torch.dtype) -> Tensor:
+    """A result of the core as a tensor of the op's grid shape; a field not asked for
+    (None) as an empty tensor of its dtype. bfloat16 rows come as uint16 bits."""
+    if a is None:
+        return torch.empty(0, dtype=dtype)
+    if a.dtype == np.uint16:
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return t.reshape(*shape, *a.shape[1:])
+    return torch.from_numpy(a).reshape(*shape, *a.shape[1:])
+
+
+def _field_dtypes(row_dtype: str) -> tuple:
+    row = ROW_TORCH_DTYPES[row_dtype]
+    return (torch.float32, torch.int64, row, row, torch.bool)
+
+
+def _search_cpu(
+    keys,
+    values,
+    written,
+    queries,
+    k,
+    recall_target,
+    metric,
+    precision,
+    want,
+    row_dtype,
+    which,
+    shape,
+):
     k_np, v_np, w_np = _np_ring(keys.contiguous(), values.contiguous(), written.contiguous())
     q = _f32_numpy(queries, "queries")
-    raw = _core.search(k_np, v_np, w_np, q, k, recall_target, metric, precision)
-    return tuple(torch.from_numpy(a).reshape(*shape, *a.shape[1:]) for a in raw)
+    raw = _core.search(
+        k_np,
+        v_np,
+        w_np,
+        q.reshape(-1, *q.shape[-2:]),
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields=tuple(f for f, w in zip(SearchResult._fields, want) if w),
+        which=None if which is None else which.detach().numpy(),
+        key_dtype=row_dtype,
+        value_dtype=row_dtype,
+    )
+    return tuple(_tensor(a, shape, dt) for a, dt in zip(raw, _field_dtypes(row_dtype)))
+
+
+def _sub_ring(keys: Tensor, values: Tensor, written: Tensor, which: Tensor) -> tuple:
+    """Copies of the memories `which` selects, as a ring of grid (len(which),), for the
+    paths without a sub-grid kernel (the reference, CUDA). Indices checked here."""
+    grid = written.numel()
+    if which.numel() and (int(which.min()) < 0 or int(which.max()) >= grid):
+        bad = which[(which < 0) | (which >= grid)][0]
+        raise ValueError(f"which: memory {int(bad)} is outside the grid of {grid} memories")
+    k = keys.reshape(grid, *keys.shape[-2:])[which]
+    v = values.reshape(grid, *values.shape[-2:])[which]
+    return k, v, written.reshape(grid)[which]
 
 
 @torch.library.custom_op("knnmem::search", mutates_args=())
@@ -112,49 +174,122 @@ def search(
     recall_target: float = 0.9,
     metric: str = "ip",
     precision: str = "float32",
+    fields: str = ALL_FIELDS,
+    row_dtype: str = "float32",
+    which: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Top-k of queries [*shape, Q, key_dim] in the ring (keys, values, written);
     returns (scores [*shape, Q, k] float32, indices int64 stream positions,
     keys [*shape, Q, k, key_dim], values [*shape, Q, k, value_dim], mask bool),
     as knnmem.ops.search. recall_target=1.0 is exact. precision "bfloat16" or
-    "int8" scores the keys rounded to that format (see knnmem.ops.search)."""
-    check_search(keys, values, written, queries, k, recall_target, metric, precision)
+    "int8" scores the keys rounded to that format (see knnmem.ops.search).
+
+    fields: the results to compute, comma separated ("scores,values"); the others
+    come back as empty tensors and cost nothing (keys and values not asked for are
+    never read). The gradient of scores needs "keys" among the fields.
+    row_dtype: "float32", "bfloat16" or "float16", the dtype of the key and value rows.
+    which: a 1-d int64 tensor of flat memory indices: search those memories only;
+    queries are then [len(which), Q, key_dim] and results [len(which), Q, k, ...]."""
+    shape, *_, want = check_search(
+        keys,
+        values,
+        written,
+        queries,
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields,
+        row_dtype,
+        which,
+    )
     if keys.device.type in _CORE_DEVICES:
-        return _search_cpu(keys, values, written, queries, k, recall_target, metric, precision)
+        return _search_cpu(
+            keys,
+            values,
+            written,
+            queries,
+            k,
+            recall_target,
+            metric,
+            precision,
+            want,
+            row_dtype,
+            which,
+            shape,
+        )
     _check_finite(queries, "queries")
+    if which is not None:
+        keys, values, written = _sub_ring(keys, values, written, which)
     if precision == "float32" and _use_cuda_kernels(keys):
-        return _kcuda.torch_search(keys, values, written, queries, k, recall_target, metric)
-    # Other devices (and CUDA with precision bfloat16/int8): the same algorithm in torch ops.
-    return _reference.search(keys, values, written, queries, k, recall_target, metric, precision)
+        full = _kcuda.torch_search(keys, values, written, queries, k, recall_target, metric)
+    else:  # other devices (and CUDA with precision bfloat16/int8): torch ops
+        full = _reference.search(
+            keys, values, written, queries, k, recall_target, metric, precision
+        )
+    dtypes = _field_dtypes(row_dtype)
+    return tuple(
+        a.to(dt) if w else a.new_empty(0, dtype=dt) for a, w, dt in zip(full, want, dtypes)
+    )
 
 
 @search.register_fake
-def _(keys, values, written, queries, k=32, recall_target=0.9, metric="ip", precision="float32"):
-    shape, nq, k, _, key_dim, value_dim = check_search(
-        keys, values, written, queries, k, recall_target, metric, precision
+def _(
+    keys,
+    values,
+    written,
+    queries,
+    k=32,
+    recall_target=0.9,
+    metric="ip",
+    precision="float32",
+    fields=ALL_FIELDS,
+    row_dtype="float32",
+    which=None,
+):
+    shape, nq, k, _, key_dim, value_dim, want = check_search(
+        keys,
+        values,
+        written,
+        queries,
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields,
+        row_dtype,
+        which,
     )
     dims = (*shape, nq, k)
-    return (
-        queries.new_empty(dims, dtype=torch.float32),
-        queries.new_empty(dims, dtype=torch.int64),
-        queries.new_empty((*dims, key_dim), dtype=torch.float32),
-        queries.new_empty((*dims, value_dim), dtype=torch.float32),
-        queries.new_empty(dims, dtype=torch.bool),
+    sizes = (dims, dims, (*dims, key_dim), (*dims, value_dim), dims)
+    return tuple(
+        queries.new_empty(size if w else (0,), dtype=dt)
+        for size, w, dt in zip(sizes, want, _field_dtypes(row_dtype))
     )
 
 
 def _search_setup_context(ctx, inputs, output) -> None:
     queries, metric = inputs[3], inputs[6]
+    fields = inputs[8] if len(inputs) > 8 else ALL_FIELDS
     scores, _, keys, _, mask = output
     ctx.mark_non_differentiable(*output[1:4])
     ctx.metric = metric
     ctx.query_dtype = queries.dtype
+    ctx.has_keys = parse_fields(fields)[2]
     ctx.save_for_backward(queries, scores, keys, mask)
 
 
 def _search_backward(ctx, grad_scores, *_):
     """d scores / d queries with the retrieved keys held constant."""
+    if not ctx.has_keys:
+        raise RuntimeError(
+            "knnmem::search: the gradient of scores needs the retrieved keys; include "
+            "'keys' in fields (KNNMemory.search does so by itself when queries require grad)"
+        )
     queries, scores, keys, mask = ctx.saved_tensors
+    keys = keys.to(torch.float32)
+    if mask.shape != scores.shape:  # mask not among the fields: misses score -inf
+        mask = scores != float("-inf")
     q = queries.to(torch.float32)
     g = torch.where(mask, grad_scores.to(torch.float32), 0.0)
     if ctx.metric == "ip":
@@ -172,10 +307,131 @@ def _search_backward(ctx, grad_scores, *_):
     else:  # l2: score = -max(0, |q - k|^2)
         g = torch.where(scores < 0, g, 0.0)
         grad = -2.0 * (g.sum(-1, keepdim=True) * q - torch.einsum("...qk,...qkd->...qd", g, keys))
-    return None, None, None, grad.to(ctx.query_dtype), None, None, None, None
+    return (None, None, None, grad.to(ctx.query_dtype)) + (None,) * 7
 
 
 search.register_autograd(_search_backward, setup_context=_search_setup_context)
+
+
+_OUTS = ("out_scores", "out_indices", "out_keys", "out_values", "out_mask")
+
+
+def _out_numpy(t: Optional[Tensor], row_dtype: str) -> tuple:
+    """(a numpy view of a CPU out tensor, the row dtype its bits are in)."""
+    if t is None:
+        return None, row_dtype
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy(), "bfloat16"
+    return t.detach().numpy(), row_dtype
+
+
+@torch.library.custom_op("knnmem::search_out", mutates_args=_OUTS)
+def search_out(
+    keys: Tensor,
+    values: Tensor,
+    written: Tensor,
+    queries: Tensor,
+    k: int,
+    recall_target: float,
+    metric: str,
+    precision: str,
+    which: Optional[Tensor],
+    out_scores: Optional[Tensor],
+    out_indices: Optional[Tensor],
+    out_keys: Optional[Tensor],
+    out_values: Optional[Tensor],
+    out_mask: Optional[Tensor],
+) -> None:
+    """knnmem::search written into the caller's tensors: the fields whose out_ tensor
+    is given (shapes of the result; scores float32, indices int64, mask bool, key and
+    value rows float32, bfloat16 or float16 in any view whose rows are equally
+    spaced, e.g. the halves of an interleaved [..., k, 2, d] buffer). On the CPU the
+    core writes into them directly; elsewhere the result is computed and copied.
+    Not differentiable."""
+    outs = (out_scores, out_indices, out_keys, out_values, out_mask)
+    fields = ",".join(f for f, t in zip(SearchResult._fields, outs) if t is not None)
+    if not fields:
+        raise ValueError("out: expected at least one tensor to write")
+    shape, nq, k, _, key_dim, value_dim, _ = check_search(
+        keys,
+        values,
+        written,
+        queries,
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields,
+        "float32",
+        which,
+    )
+    dims = (*shape, nq, k)
+    for name, t, size in zip(
+        SearchResult._fields, outs, (dims, dims, (*dims, key_dim), (*dims, value_dim), dims)
+    ):
+        if t is not None and tuple(t.shape) != size:
+            raise ValueError(f"out: {name} must have shape {size}, got {tuple(t.shape)}")
+        if t is not None and t.device != keys.device:
+            raise ValueError(
+                f"out: {name} must be on {keys.device} (as the memory), got {t.device}"
+            )
+    if keys.device.type not in _CORE_DEVICES:
+        full = search(
+            keys,
+            values,
+            written,
+            queries,
+            k,
+            recall_target,
+            metric,
+            precision,
+            fields,
+            "float32",
+            which,
+        )
+        for t, a in zip(outs, full):
+            if t is not None:
+                t.copy_(a)
+        return
+    k_np, v_np, w_np = _np_ring(keys.contiguous(), values.contiguous(), written.contiguous())
+    q = _f32_numpy(queries, "queries")
+    arrays = [_out_numpy(t, "float32")[0] for t in outs]
+    key_dtype = _out_numpy(out_keys, "float32")[1]
+    value_dtype = _out_numpy(out_values, "float32")[1]
+    _core.search(
+        k_np,
+        v_np,
+        w_np,
+        q.reshape(-1, *q.shape[-2:]),
+        k,
+        recall_target,
+        metric,
+        precision,
+        out=tuple(arrays),
+        which=None if which is None else which.detach().numpy(),
+        key_dtype=key_dtype,
+        value_dtype=value_dtype,
+    )
+
+
+@search_out.register_fake
+def _(keys, values, written, queries, k, recall_target, metric, precision, which, *outs):
+    fields = ",".join(f for f, t in zip(SearchResult._fields, outs) if t is not None)
+    if not fields:
+        raise ValueError("out: expected at least one tensor to write")
+    check_search(
+        keys,
+        values,
+        written,
+        queries,
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields,
+        "float32",
+        which,
+    )
 
 
 def _check_finite(x: Tensor, name: str) -> None:
@@ -189,16 +445,39 @@ def _check_finite(x: Tensor, name: str) -> None:
 
 @torch.library.custom_op("knnmem::add", mutates_args=("keys", "values", "written"))
 def add(
-    keys: Tensor, values: Tensor, written: Tensor, new_keys: Tensor, new_values: Tensor
+    keys: Tensor,
+    values: Tensor,
+    written: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    which: Optional[Tensor] = None,
 ) -> None:
     """Appends new_keys [*shape, T, key_dim] / new_values [*shape, T, value_dim] to
-    the ring in place (FIFO). All-or-nothing: everything is checked first."""
-    check_add(keys, values, written, new_keys, new_values)
+    the ring in place (FIFO). All-or-nothing: everything is checked first.
+    which: a 1-d int64 tensor of distinct flat memory indices: add to those memories
+    only (new_keys [len(which), T, key_dim]); on the CPU the others are not touched."""
+    check_add(keys, values, written, new_keys, new_values, which)
     if keys.device.type in _CORE_DEVICES:
         k_np, v_np, w_np = _np_ring(keys, values, written)
+        nk, nv = _f32_numpy(new_keys, "new_keys"), _f32_numpy(new_values, "new_values")
         _core.add(
-            k_np, v_np, w_np, _f32_numpy(new_keys, "new_keys"), _f32_numpy(new_values, "new_values")
+            k_np,
+            v_np,
+            w_np,
+            nk.reshape(-1, *nk.shape[-2:]),
+            nv.reshape(-1, *nv.shape[-2:]),
+            which=None if which is None else which.detach().numpy(),
         )
+        return
+    if which is not None:  # no sub-grid kernel here: add to copies, then write them back
+        if which.unique().numel() != which.numel():
+            raise ValueError("which: a memory is selected twice; an add writes each memory once")
+        k, v, w = _sub_ring(keys, values, written, which)
+        add(k, v, w, new_keys, new_values)
+        grid = written.numel()
+        keys.view(grid, *keys.shape[-2:])[which] = k
+        values.view(grid, *values.shape[-2:])[which] = v
+        written.view(grid)[which] = w
         return
     nk, nv = _f32(new_keys), _f32(new_values)
     _check_finite(nk, "new_keys")
@@ -214,8 +493,8 @@ def add(
 
 
 @add.register_fake
-def _(keys, values, written, new_keys, new_values):
-    check_add(keys, values, written, new_keys, new_values)
+def _(keys, values, written, new_keys, new_values, which=None):
+    check_add(keys, values, written, new_keys, new_values, which)
 
 
 @torch.library.custom_op("knnmem::clear", mutates_args=("written",))
