@@ -45,6 +45,9 @@ def _variants(mem: knnmem.Memory, q: np.ndarray, k: int) -> dict:
         "no keys (scores, indices, values, mask)": lambda: mem.search(
             q, k, fields=("scores", "indices", "values", "mask")
         ),
+        "no keys, out= reused": lambda: mem.search(
+            q, k, out=SearchResult(reuse.scores, reuse.indices, None, reuse.values, reuse.mask)
+        ),
         "scores + indices only": lambda: mem.search(q, k, fields=("scores", "indices")),
         "values only (new array)": lambda: mem.search(q, k, fields="values"),
         "values only, out= reused": lambda: mem.search(
@@ -111,8 +114,14 @@ def main() -> None:
     for name, ms in med.items():
         print(f"{name:44s} {ms:10.1f} {base / ms:8.2f}x")
     si = med["scores + indices only"]
-    print(f"no keys vs all five: {base / med['no keys (scores, indices, values, mask)']:.2f}x")
+    lean = med["no keys (scores, indices, values, mask)"]
+    print(f"no keys vs all five (new arrays): {base / lean:.2f}x")
+    reused = med["all five, out= reused"] / med["no keys, out= reused"]
+    print(f"no keys vs all five (out= reused): {reused:.2f}x")
     print(f"values only / scores + indices only: {med['values only (new array)'] / si:.2f}")
+    print(
+        f"values only, out= reused / scores + indices only: {med['values only, out= reused'] / si:.2f}"
+    )
 
 
 if __name__ == "__main__":

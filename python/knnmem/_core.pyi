@@ -1,5 +1,7 @@
 """Type stubs for the knnmem C++ core (pybind11 module knnmem._core)."""
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -7,7 +9,11 @@ PLACEMENT_BLOCK: int
 
 _F32 = npt.NDArray[np.float32]
 _I64 = npt.NDArray[np.int64]
-_Raw = tuple[_F32, _I64, _F32, _F32, npt.NDArray[np.bool_]]
+# (scores, indices, keys, values, mask); a field not asked for is None. Key and value
+# rows are float32, float16, or uint16 holding bfloat16 bits (key_dtype / value_dtype).
+_Out = tuple[
+    _F32 | None, _I64 | None, np.ndarray | None, np.ndarray | None, npt.NDArray[np.bool_] | None
+]
 
 class Memory:
     def __init__(
@@ -37,10 +43,18 @@ class Memory:
     def written(self) -> _I64: ...
     @property
     def count(self) -> _I64: ...
-    def add(self, keys: _F32, values: _F32) -> None: ...
+    def add(self, keys: _F32, values: _F32, which: _I64 | None = None) -> None: ...
     def search(
-        self, queries: _F32, k: int, recall_target: float, out: _Raw | None = None
-    ) -> _Raw: ...
+        self,
+        queries: _F32,
+        k: int,
+        recall_target: float,
+        out: _Out | None = None,
+        fields: Sequence[str] | None = None,
+        which: _I64 | None = None,
+        key_dtype: str = "float32",
+        value_dtype: str = "float32",
+    ) -> _Out: ...
     def clear(self, mask: npt.NDArray[np.bool_] | None = None) -> None: ...
     # Private, for save / load: (keys, key_scale or None, values, written), rows oldest
     # first; keys float32, uint16 (bfloat16 bits) or int8 (docs/format.md).
@@ -58,8 +72,20 @@ def search(
     recall_target: float,
     metric: str,
     precision: str = "float32",
-) -> _Raw: ...
-def add(keys: _F32, values: _F32, written: _I64, new_keys: _F32, new_values: _F32) -> None: ...
+    out: _Out | None = None,
+    fields: Sequence[str] | None = None,
+    which: _I64 | None = None,
+    key_dtype: str = "float32",
+    value_dtype: str = "float32",
+) -> _Out: ...
+def add(
+    keys: _F32,
+    values: _F32,
+    written: _I64,
+    new_keys: _F32,
+    new_values: _F32,
+    which: _I64 | None = None,
+) -> None: ...
 def placement(capacity: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 def check_search_options(k: int, recall_target: float, capacity: int) -> None: ...
 def expected_recall(num_bins: int, k: int) -> float: ...
