@@ -175,9 +175,10 @@ def select_cells(which: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None,
 
 
 def cells_first(arr: np.ndarray) -> np.ndarray:
-    """[*shape, rows, cols] as the core's [memories, rows, cols] (a sub-grid's shape
-    may be () for one memory)."""
-    return arr.reshape(-1, *arr.shape[-2:])
+    """[*shape, rows, cols] for the core, which takes any leading dims whose product is
+    the number of memories (and names bad values in the caller's coordinates); a
+    sub-grid of shape () (one memory) gets a leading axis of 1."""
+    return arr if arr.ndim >= 3 else arr[None]
 
 
 def _row_dtype_of(arr: Any, field: str, fallback: str) -> tuple[Any, str]:

@@ -1,6 +1,7 @@
 """KNNMemory: a grid of FIFO key/value memories in registered buffers, searched and
 updated through the custom ops torch.ops.knnmem.*."""
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -45,7 +46,8 @@ def _rows_first(x: Any, shape: tuple, name: str, extra: bool = False, view: bool
             f"{name}: expected a tensor whose leading dims are the selected sub-grid "
             f"{shape}, got shape {tuple(x.shape)}"
         )
-    return x.view(-1, *x.shape[lead:]) if view else x.reshape(-1, *x.shape[lead:])
+    flat = (math.prod(shape), *x.shape[lead:])
+    return x.view(flat) if view else x.reshape(flat)
 
 
 class KNNMemory(nn.Module):

@@ -139,7 +139,7 @@ def _search_cpu(
         k_np,
         v_np,
         w_np,
-        q.reshape(-1, *q.shape[-2:]),
+        q,
         k,
         recall_target,
         metric,
@@ -402,7 +402,7 @@ def search_out(
         k_np,
         v_np,
         w_np,
-        q.reshape(-1, *q.shape[-2:]),
+        q,
         k,
         recall_target,
         metric,
@@ -464,8 +464,8 @@ def add(
             k_np,
             v_np,
             w_np,
-            nk.reshape(-1, *nk.shape[-2:]),
-            nv.reshape(-1, *nv.shape[-2:]),
+            nk,
+            nv,
             which=None if which is None else which.detach().numpy(),
         )
         return
