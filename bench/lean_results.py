@@ -119,9 +119,8 @@ def main() -> None:
     reused = med["all five, out= reused"] / med["no keys, out= reused"]
     print(f"no keys vs all five (out= reused): {reused:.2f}x")
     print(f"values only / scores + indices only: {med['values only (new array)'] / si:.2f}")
-    print(
-        f"values only, out= reused / scores + indices only: {med['values only, out= reused'] / si:.2f}"
-    )
+    vo = med["values only, out= reused"]
+    print(f"values only, out= reused / scores + indices only: {vo / si:.2f}")
 
 
 if __name__ == "__main__":
