@@ -5,9 +5,11 @@
 // name the public argument, what was expected and what came. (The core checks
 // again what it reads from buffers another thread may change: the counters of
 // caller-owned rings.) The GIL is released while the core works.
+#include <pthread.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <sys/mman.h>
 
 #include <array>
 #include <charconv>
@@ -15,7 +17,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <list>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -307,6 +312,95 @@ int64_t row_stride_of(const py::array& a, const std::string& name, int64_t rows,
   return stride > 0 ? stride / item : dim;
 }
 
+// Memory of big result arrays. A loop of searches allocates the same result
+// arrays every step; fresh memory of that size comes from the kernel, and the
+// first write to each of its pages faults (on M2, 134 MB of key and value rows:
+// a large share of the search). Arrays of at least kMinBytes therefore take
+// their memory from, and give it back to, a cache of recently freed blocks of at
+// most kKeepBytes in all; an array that is still referenced keeps its block, so
+// nothing a caller holds is reused.
+class ResultCache {
+ public:
+  static constexpr std::size_t kMinBytes = std::size_t{1} << 20;
+  static constexpr std::size_t kKeepBytes = std::size_t{256} << 20;
+
+  static ResultCache& get() {
+    static ResultCache* cache = new ResultCache;  // never destroyed: freed arrays may outlive exit
+    return *cache;
+  }
+
+  // An array of `dtype` and `shape` (C order), its memory from the cache when big.
+  py::array array(const py::dtype& dtype, const std::vector<py::ssize_t>& shape) {
+    std::size_t bytes = static_cast<std::size_t>(dtype.itemsize());
+    for (py::ssize_t n : shape) bytes *= static_cast<std::size_t>(n);
+    if (bytes < kMinBytes) return py::array(dtype, shape);
+    Block* block = take(bytes);
+    py::capsule owner(block, [](void* b) { get().give(static_cast<Block*>(b)); });
+    return py::array(dtype, shape, block->data, owner);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    std::size_t bytes;
+  };
+
+  ResultCache() {
+    pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                   [] { new (&get().mutex_) std::mutex(); });
+  }
+
+  // A kept block of at least `bytes` and at most twice that, else a new one.
+  Block* take(std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if ((*it)->bytes >= bytes && (*it)->bytes / 2 <= bytes &&
+            (best == free_.end() || (*it)->bytes < (*best)->bytes)) {
+          best = it;
+        }
+      }
+      if (best != free_.end()) {
+        Block* b = *best;
+        kept_ -= b->bytes;
+        free_.erase(best);
+        return b;
+      }
+    }
+    const std::size_t rounded = (bytes + 4095) / 4096 * 4096;
+    void* data = std::aligned_alloc(4096, rounded);
+    if (data == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, rounded, MADV_HUGEPAGE);  // advice only, as numpy gives its own
+#endif
+    return new Block{data, rounded};
+  }
+
+  // Keeps a freed array's block (the newest first), freeing the oldest beyond kKeepBytes.
+  void give(Block* block) {
+    std::vector<Block*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_front(block);
+      kept_ += block->bytes;
+      while (kept_ > kKeepBytes) {
+        drop.push_back(free_.back());
+        kept_ -= free_.back()->bytes;
+        free_.pop_back();
+      }
+    }
+    for (Block* b : drop) {
+      std::free(b->data);
+      delete b;
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Block*> free_;
+  std::size_t kept_ = 0;
+};
+
 // Allocates (or takes from the request's `out`) the result arrays and runs
 // `run(out)` without the GIL. Returns the five fields; those not asked for are None.
 template <class Run>
@@ -328,7 +422,7 @@ py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64
     if (!req.want[i]) return nullptr;
     std::optional<py::array> a = given(i);
     if (!a) {
-      a = py::array(dtype, std::vector<py::ssize_t>{grid, nq, k});
+      a = ResultCache::get().array(dtype, {grid, nq, k});
     } else if (!a->dtype().is(dtype) || !(a->flags() & py::array::c_style) || !a->writeable() ||
                a->size() != rows) {
       throw InvalidArgument(std::string("out: ") + kFields[i] +
@@ -350,7 +444,7 @@ py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64
                            : format == knnmem::RowFormat::kFloat16
                                ? py::dtype("float16")
                                : py::dtype::of<uint16_t>();  // bfloat16 bits
-      a = py::array(dt, std::vector<py::ssize_t>{grid, nq, k, dim});
+      a = ResultCache::get().array(dt, {grid, nq, k, dim});
       stride = dim;
     } else {
       format = row_format_of(*a, kFields[i], asked);

@@ -376,3 +376,25 @@ def test_torch_lean_search_compiles_without_graph_breaks() -> None:
         lambda x: mem.search(x, 4, fields=("scores", "values")).values, fullgraph=True
     )
     assert torch.equal(fn(q), mem.search(q, 4).values)
+
+
+def test_big_results_are_never_reused_while_referenced() -> None:
+    # Results of 1 MiB and more take their memory from a cache of freed result blocks:
+    # a result still referenced (directly, through a view or a torch tensor) must keep
+    # its values while later searches run; dropped ones may be recycled.
+    rng = np.random.default_rng(16)
+    mem = _filled(rng, (4,), 4096, 32, 32, 4096)
+    q1, q2 = _rows(rng, 4, 256, 32), _rows(rng, 4, 256, 32)  # 4 MiB of key rows each
+    first = mem.search(q1, 32)
+    saved = SearchResult(*(a.copy() for a in first))
+    view = first.values[1:3]
+    tensor = torch.from_numpy(mem.search(q1, 32).keys)
+    for _ in range(3):
+        other = mem.search(q2, 32)
+        del other
+        again = mem.search(q1, 32)
+        _same(again, saved, FIELDS)
+        del again
+    _same(first, saved, FIELDS)
+    np.testing.assert_array_equal(view, saved.values[1:3])
+    assert torch.equal(tensor, torch.from_numpy(saved.keys))
