@@ -31,6 +31,7 @@ from ._ffi import (
     _FFI_MISSING,
     _search_ffi,
     _search_ffi_cuda,
+    _vary_like,
     ffi_available,
     ffi_cuda_available,
 )
@@ -140,7 +141,8 @@ def _raw_search(
         # a backend that computes every field in float32 on whole grids
         def go(keys, values, written, queries, cells, *outs):
             kv = _on_cells(keys, values, written, cells, request.sub_grid)
-            return _finish(search_fn(*kv, queries), request, written.dtype)
+            out = _finish(search_fn(*kv, queries), request, written.dtype)
+            return _vary_like(out, (keys, values, written, queries))  # the placeholders too
 
         return go
 
