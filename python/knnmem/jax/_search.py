@@ -473,6 +473,8 @@ def search(
         {"keys": (state.key_dim,), "values": (state.value_dim,)},
         state.written.dtype,
     )
+    if not fields:  # nothing asked for: nothing to compute
+        return SearchResult(None, None, None, None, None)
     if cells is not None and cells.size == 0:  # an empty sub-grid
         request = _Request(fields, key_dtype, value_dtype)
         return SearchResult(
