@@ -5,10 +5,17 @@
 //   keys    [*grid, capacity, key_dim]   f32
 //   values  [*grid, capacity, value_dim] f32
 //   written [*grid]                      s32 or s64 (rows added since the last clear)
-//   queries [*grid, Q, key_dim]          f32
-// and writes scores [*grid, Q, k] f32, indices [*grid, Q, k] (dtype of written),
-// keys [*grid, Q, k, key_dim], values [*grid, Q, k, value_dim], mask [*grid, Q, k]
-// pred. Attributes: k (i64), recall_target (f64), metric ("ip" | "cosine" | "l2"),
+//   queries [*qgrid, Q, key_dim]         f32
+//   cells   [n] s32 or s64: a sub-grid (memory i of the search is storage memory
+//           cells[i] of the flattened grid; then qgrid = (n,)), or shape (0,): the
+//           whole grid (qgrid = grid)
+//   ...     any further operands are ignored: the buffers of results aliased to
+//           them (input_output_aliases), which are overwritten, never read
+// and writes scores [*qgrid, Q, k] f32, indices [*qgrid, Q, k] (dtype of written),
+// keys [*qgrid, Q, k, key_dim], values [*qgrid, Q, k, value_dim] (each f32, bf16 or
+// f16: rows rounded to nearest even), mask [*qgrid, Q, k] pred. A result of shape (0,)
+// is not asked for: it is not computed (keys or values not asked for are never read).
+// Attributes: k (i64), recall_target (f64), metric ("ip" | "cosine" | "l2"),
 // precision ("float32" | "bfloat16" | "int8": the format keys are scored in).
 //
 // Every check of the call happens here, before the core runs, and a bad call
@@ -97,8 +104,30 @@ std::string named(const char* name, int64_t v) {
   return std::string(name) + "=" + std::to_string(v);
 }
 
+// The row format of a keys / values result, from its element type.
+ffi::Error row_format_of(ffi::DataType t, const char* name, knnmem::RowFormat* format) {
+  switch (t) {
+    case ffi::DataType::F32:
+      *format = knnmem::RowFormat::kFloat32;
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      *format = knnmem::RowFormat::kBFloat16;
+      return ffi::Error::Success();
+    case ffi::DataType::F16:
+      *format = knnmem::RowFormat::kFloat16;
+      return ffi::Error::Success();
+    default:
+      return invalid(std::string(name) + ": expected dtype float32, bfloat16 or float16, got " +
+                     dtype_name(t));
+  }
+}
+
+// A result of shape (0,) is one the caller did not ask for.
+bool not_asked(Dims d) { return d.size() == 1 && d[0] == 0; }
+
 ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer written,
-                      ffi::AnyBuffer queries, ffi::Result<ffi::AnyBuffer> out_scores,
+                      ffi::AnyBuffer queries, ffi::AnyBuffer cells, ffi::RemainingArgs /*aliased*/,
+                      ffi::Result<ffi::AnyBuffer> out_scores,
                       ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> out_keys,
                       ffi::Result<ffi::AnyBuffer> out_values, ffi::Result<ffi::AnyBuffer> out_mask,
                       int64_t k, double recall_target, std::string_view metric_name,
@@ -115,6 +144,11 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     if (index_type != ffi::DataType::S32 && index_type != ffi::DataType::S64) {
       return invalid(std::string("written: expected dtype int32 or int64, got ") +
                      dtype_name(index_type));
+    }
+    const ffi::DataType cell_type = cells.element_type();
+    if (cell_type != ffi::DataType::S32 && cell_type != ffi::DataType::S64) {
+      return invalid(std::string("which: expected dtype int32 or int64, got ") +
+                     dtype_name(cell_type));
     }
 
     // shapes: the grid is every dimension of keys but the last two
@@ -139,9 +173,14 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     if (auto e = check_shape(written.dimensions(), grid, {}, "written", spell(grid, {}));
         !e.success())
       return e;
+    // The memories searched: the grid, or the sub-grid `cells` selects.
+    const Dims cd = cells.dimensions();
+    if (cd.size() != 1) return invalid("which: expected shape (n,), got " + dims_str(cd));
+    const bool sub_grid = cd[0] > 0;
+    const Dims qgrid = sub_grid ? cd : grid;
     const Dims qd = queries.dimensions();
-    if (auto e = check_shape(qd, grid, {-1, key_dim}, "queries",
-                             spell(grid, {"Q", named("key_dim", key_dim)}));
+    if (auto e = check_shape(qd, qgrid, {-1, key_dim}, "queries",
+                             spell(qgrid, {"Q", named("key_dim", key_dim)}));
         !e.success())
       return e;
     const int64_t nq = qd[qd.size() - 2];
@@ -157,37 +196,60 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     knnmem::SearchOptions options{k, recall_target, metric};
     options.score_format = knnmem::parse_score_format(std::string(precision));  // throws
 
-    // results: shapes are fixed by the caller's abstract evaluation; checked all the same
+    // results: shapes are fixed by the caller's abstract evaluation; checked all the same.
+    // Each is either its full shape or (0,), not asked for.
+    knnmem::RowFormat key_format = knnmem::RowFormat::kFloat32;
+    knnmem::RowFormat value_format = knnmem::RowFormat::kFloat32;
+    if (auto e = row_format_of(out_keys->element_type(), "result keys", &key_format); !e.success())
+      return e;
+    if (auto e = row_format_of(out_values->element_type(), "result values", &value_format);
+        !e.success())
+      return e;
     struct Expected {
       ffi::Result<ffi::AnyBuffer>* buf;
       const char* name;
       ffi::DataType dtype;
       int64_t last;  // < 0: no trailing dimension after k
+      bool asked;
     };
-    const Expected expected[] = {
-        {&out_scores, "scores", ffi::DataType::F32, -1},
-        {&out_indices, "indices", index_type, -1},
-        {&out_keys, "result keys", ffi::DataType::F32, key_dim},
-        {&out_values, "result values", ffi::DataType::F32, value_dim},
-        {&out_mask, "mask", ffi::DataType::PRED, -1},
+    Expected expected[] = {
+        {&out_scores, "scores", ffi::DataType::F32, -1, true},
+        {&out_indices, "indices", index_type, -1, true},
+        {&out_keys, "result keys", out_keys->element_type(), key_dim, true},
+        {&out_values, "result values", out_values->element_type(), value_dim, true},
+        {&out_mask, "mask", ffi::DataType::PRED, -1, true},
     };
-    for (const Expected& r : expected) {
+    for (Expected& r : expected) {
       if (auto e = check_dtype((*r.buf)->element_type(), r.dtype, r.name); !e.success()) return e;
       const Dims rd = (*r.buf)->dimensions();
-      ffi::Error e = r.last < 0 ? check_shape(rd, grid, {nq, k}, r.name,
-                                              spell(grid, {named("Q", nq), named("k", k)}))
-                                : check_shape(rd, grid, {nq, k, r.last}, r.name,
-                                              spell(grid, {named("Q", nq), named("k", k), "dim"}));
+      r.asked = !not_asked(rd);
+      if (!r.asked) continue;
+      ffi::Error e = r.last < 0 ? check_shape(rd, qgrid, {nq, k}, r.name,
+                                              spell(qgrid, {named("Q", nq), named("k", k)}))
+                                : check_shape(rd, qgrid, {nq, k, r.last}, r.name,
+                                              spell(qgrid, {named("Q", nq), named("k", k), "dim"}));
       if (!e.success()) return e;
     }
 
-    int64_t G = 1;
+    int64_t G = 1;  // memories of the storage
     for (int64_t g : grid) G *= g;
-    if (G == 0 || nq == 0) return ffi::Error::Success();
+    int64_t n = 1;  // memories searched
+    for (int64_t g : qgrid) n *= g;
 
     // Scratch reused by this thread's later calls (no state: it never outlives a call's
     // meaning), so that int32 counters and indices cost no fresh pages per call.
-    thread_local std::vector<int64_t> written64, indices64;
+    thread_local std::vector<int64_t> written64, indices64, cells64;
+
+    // cells: in [0, G)
+    if (sub_grid) {
+      cells64.resize(static_cast<std::size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        cells64[i] = cell_type == ffi::DataType::S64 ? cells.typed_data<int64_t>()[i]
+                                                     : cells.typed_data<int32_t>()[i];
+      }
+      knnmem::check_cells(cells64.data(), n, G, false);  // throws, naming which
+    }
+    if (n == 0 || nq == 0) return ffi::Error::Success();
 
     // written: counts >= 0, widened to int64 for the core
     written64.resize(static_cast<std::size_t>(G));
@@ -202,7 +264,7 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
 
     // queries: finite
     const float* q = queries.typed_data<float>();
-    const int64_t q_count = G * nq * key_dim;
+    const int64_t q_count = n * nq * key_dim;
     for (int64_t i = 0; i < q_count; ++i) {
       if (!std::isfinite(q[i])) {
         std::ostringstream s;
@@ -219,7 +281,7 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     view.values = values.typed_data<float>();
     view.key_aux = nullptr;
     view.written = written64.data();
-    view.grid = G;
+    view.grid = n;
     view.capacity = capacity;
     view.key_dim = key_dim;
     view.key_stride = key_dim;
@@ -227,21 +289,30 @@ ffi::Error SearchImpl(ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::AnyBuffer
     view.value_stride = value_dim;
     view.key_layout = knnmem::KeyLayout::kRows;
     view.placement = placement.get();
+    view.cells = sub_grid ? cells64.data() : nullptr;
 
+    const bool want_indices = expected[1].asked;
     // int32 indices: the core writes int64, narrowed after (positions < written).
     int64_t* indices = nullptr;
-    if (index_type == ffi::DataType::S64) {
+    if (want_indices && index_type == ffi::DataType::S64) {
       indices = out_indices->typed_data<int64_t>();
-    } else {
-      indices64.resize(static_cast<std::size_t>(G * nq * k));
+    } else if (want_indices) {
+      indices64.resize(static_cast<std::size_t>(n * nq * k));
       indices = indices64.data();
     }
-    for (const Expected& r : expected)
-      advise_huge_pages((*r.buf)->untyped_data(), (*r.buf)->size_bytes());
-    knnmem::SearchOutput out{out_scores->typed_data<float>(), indices, out_mask->typed_data<bool>(),
-                             out_keys->typed_data<float>(), out_values->typed_data<float>()};
+    for (const Expected& r : expected) {
+      if (r.asked) advise_huge_pages((*r.buf)->untyped_data(), (*r.buf)->size_bytes());
+    }
+    knnmem::SearchOutput out;
+    out.scores = expected[0].asked ? out_scores->typed_data<float>() : nullptr;
+    out.indices = indices;
+    out.mask = expected[4].asked ? out_mask->typed_data<bool>() : nullptr;
+    out.keys = expected[2].asked ? out_keys->untyped_data() : nullptr;
+    out.values = expected[3].asked ? out_values->untyped_data() : nullptr;
+    out.key_format = key_format;
+    out.value_format = value_format;
     knnmem::search(view, q, nq, options, out);
-    if (index_type == ffi::DataType::S32) {
+    if (want_indices && index_type == ffi::DataType::S32) {
       int32_t* dst = out_indices->typed_data<int32_t>();
       for (std::size_t i = 0; i < indices64.size(); ++i)
         dst[i] = static_cast<int32_t>(indices64[i]);
@@ -266,6 +337,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KnnmemSearch, SearchImpl,
                                   .Arg<ffi::AnyBuffer>()  // values
                                   .Arg<ffi::AnyBuffer>()  // written
                                   .Arg<ffi::AnyBuffer>()  // queries
+                                  .Arg<ffi::AnyBuffer>()  // cells
+                                  .RemainingArgs()        // buffers aliased to results
                                   .Ret<ffi::AnyBuffer>()  // scores
                                   .Ret<ffi::AnyBuffer>()  // indices
                                   .Ret<ffi::AnyBuffer>()  // keys
@@ -278,4 +351,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KnnmemSearch, SearchImpl,
 
 // Bumped when the handler's operands, results or attributes change, so that
 // knnmem.jax can refuse a stale build instead of calling it wrongly.
-int64_t KnnmemFfiAbiVersion() { return 2; }
+int64_t KnnmemFfiAbiVersion() { return 3; }

@@ -309,8 +309,8 @@ def test_bad_arguments_raise_at_trace_time(filled: tuple) -> None:
 
 
 def _raw_call(state, q, **attrs):
-    args = (state.keys, state.values, state.written, q)
-    types = _result_types(*args, 4)  # (an empty result would not run the call)
+    args = (state.keys, state.values, state.written, q, jnp.zeros((0,), jnp.int32))
+    types = _result_types(*args[:4], 4)  # (an empty result would not run the call)
     call = jax.ffi.ffi_call("knnmem_search", types, vmap_method="broadcast_all")
     attrs = {
         "k": np.int64(4),

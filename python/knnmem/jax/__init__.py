@@ -5,6 +5,8 @@
     state = kj.add(state, keys, values)              # [*shape, T, d]; in place under donation
     res = kj.search(state, queries, k=32, recall_target=0.9)
     res.scores, res.indices, res.keys, res.values, res.mask    # like knnmem.Memory.search
+    kj.search(state, q, 32, out=res, fields=("scores", "values"), row_dtype=jnp.bfloat16,
+              which=mask)                       # lean: see search (and add(..., which=))
     state = kj.reset(state, new_document)            # bool [*shape] (or a leading prefix)
 
 Every function is pure and works under jit, vmap (extra leading batch dimensions on the

@@ -1,7 +1,10 @@
 """The XLA custom calls: registration of the handlers and the calls themselves.
 
 ``knnmem_search`` (platform "cpu") is exported by knnmem._core (bindings/xla_ffi.cpp)
-and runs the same C++ kernels as knnmem.ops.search on XLA's buffers, zero-copy.
+and runs the same C++ kernels as knnmem.ops.search on XLA's buffers, zero-copy: it
+writes only the results asked for (the others are given shape (0,)), key and value rows
+in the dtype of their results (float32, bfloat16 or float16), searches a sub-grid when
+given cells, and writes into operand buffers aliased to its results (out=).
 ``knnmem_search_cuda`` (platform "CUDA") is exported by knnmem._cuda
 (bindings/xla_ffi_cuda.cpp) and runs the CUDA kernels on XLA's stream (docs/cuda.md).
 Both are registered when knnmem.jax is imported, each where its module was built with
@@ -22,11 +25,12 @@ import numpy as np
 from jax import lax
 
 from .. import _core
+from .._contract import FIELDS
 from ._reference import _offset_table, _search_ref
 
 _FFI_TARGET = "knnmem_search"
 _FFI_TARGET_CUDA = "knnmem_search_cuda"
-_FFI_ABI_VERSION = 2
+_FFI_ABI_VERSION = 3
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -90,15 +94,23 @@ def _warn_missing_ffi() -> None:  # pragma: no cover - depends on the build
 # -- the calls -------------------------------------------------------------------------------
 
 
-def _result_types(keys, values, written, queries, k):
-    """Shapes and dtypes of (scores, indices, keys, values, mask) for a grid search."""
-    lead = tuple(written.shape) + (queries.shape[-2], k)
-    return (
-        jax.ShapeDtypeStruct(lead, jnp.float32),
-        jax.ShapeDtypeStruct(lead, written.dtype),
-        jax.ShapeDtypeStruct(lead + (keys.shape[-1],), jnp.float32),
-        jax.ShapeDtypeStruct(lead + (values.shape[-1],), jnp.float32),
-        jax.ShapeDtypeStruct(lead, jnp.bool_),
+def _result_types(
+    keys, values, written, queries, k, fields=FIELDS, key_dtype="float32", value_dtype="float32"
+):
+    """Shapes and dtypes of (scores, indices, keys, values, mask) for the queries
+    [*grid, Q, key_dim] (grid: the memories searched); a field not among `fields` has
+    shape (0,): the handler does not compute it."""
+    lead = tuple(queries.shape[:-1]) + (k,)
+    types = (
+        (lead, jnp.float32),
+        (lead, written.dtype),
+        (lead + (keys.shape[-1],), jnp.dtype(key_dtype)),
+        (lead + (values.shape[-1],), jnp.dtype(value_dtype)),
+        (lead, jnp.bool_),
+    )
+    return tuple(
+        jax.ShapeDtypeStruct(shape if name in fields else (0,), dtype)
+        for name, (shape, dtype) in zip(FIELDS, types)
     )
 
 
@@ -123,18 +135,37 @@ def _vary_like(out, operands) -> tuple:
     )
 
 
-def _search_ffi(keys, values, written, queries, k, recall_target, metric, precision):
-    """The CPU custom call on keys [*shape, C, d], values, written [*shape], queries."""
+def _search_ffi(
+    keys, values, written, queries, cells, outs, k, recall_target, metric, precision, request
+):
+    """The CPU custom call on keys [*grid, C, d], values, written [*grid] and queries
+    [*grid, Q, d] (or, with request.sub_grid, queries [n, Q, d] of the memories cells
+    [n] of the flattened grid; else cells is an empty placeholder). Writes the fields of
+    `request` (the others come back with shape (0,)); outs are the buffers of the
+    fields request.aliased, which the results alias (donated under jit: no new buffer)."""
+    aliases = {5 + i: FIELDS.index(name) for i, name in enumerate(request.aliased)}
     call = jax.ffi.ffi_call(
         _FFI_TARGET,
-        _result_types(keys, values, written, queries, k),
+        _result_types(
+            keys,
+            values,
+            written,
+            queries,
+            k,
+            request.fields,
+            request.key_dtype,
+            request.value_dtype,
+        ),
         vmap_method="broadcast_all",
+        input_output_aliases=aliases or None,
     )
     out = call(
         keys,
         values,
         written,
         queries,
+        cells,
+        *outs,
         k=np.int64(k),
         recall_target=np.float64(recall_target),
         metric=metric,

@@ -17,10 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._arrays import as_array, check_int
-from .._contract import METRICS, check_sizes, normalize_shape
+from .._contract import METRICS, check_sizes, normalize_shape, select_cells
 from ._reference import _slot_table
 
 # -- the state -------------------------------------------------------------------------------
@@ -168,6 +169,36 @@ def _check_rows(
     return x.astype(jnp.float32)
 
 
+def _leaves(x: Any) -> list:
+    return [y for part in x for y in _leaves(part)] if isinstance(x, (tuple, list)) else [x]
+
+
+def _select_cells(which: Any, shape: tuple, distinct: bool = False) -> tuple[Any, tuple]:
+    """(flat int32 indices of the memories `which` selects, in numpy's order, and the
+    sub-grid's shape), or (None, shape) for which=None. `which` is what numpy takes to
+    index a [*shape] array (a bool mask of the grid's shape, ints, int arrays, slices, a
+    tuple of them), and must be concrete: its size sets the shapes of the inputs and
+    results, which are static under jit."""
+    if which is None:
+        return None, shape
+    if any(isinstance(x, jax.core.Tracer) for x in _leaves(which)):
+        raise TypeError(
+            "which: expected concrete indices or a bool mask (numpy or Python values: the "
+            "selection sets the shapes, which are static under jit), got a traced array"
+        )
+    cells, sub_shape = select_cells(which, shape)
+    if distinct:
+        order = np.argsort(cells, kind="stable")
+        twice = np.flatnonzero(np.diff(cells[order]) == 0)
+        if twice.size:
+            i, j = order[twice[0]], order[twice[0] + 1]
+            raise ValueError(
+                f"which: memory {cells[i]} is selected twice (at {i} and {j}); an add "
+                "writes each memory once"
+            )
+    return cells.astype(np.int32), sub_shape
+
+
 # -- the rings of a capacity-sharded memory --------------------------------------------------
 
 
@@ -203,33 +234,46 @@ def _local_written(written: jax.Array, shard: Any, shards: int) -> jax.Array:
 # -- add / reset -----------------------------------------------------------------------------
 
 
-def add(state: MemoryState, keys: Any, values: Any, *, capacity_axis: Any = None) -> MemoryState:
+def add(
+    state: MemoryState, keys: Any, values: Any, *, capacity_axis: Any = None, which: Any = None
+) -> MemoryState:
     """Appends keys [*shape, T, key_dim] and values [*shape, T, value_dim] to every memory
     (FIFO: a segment longer than the capacity keeps its last rows; counters advance by T).
 
     A scatter of the new rows into their slots: under jit with the state donated it
     updates the buffers in place, so its cost is O(T) whatever the capacity. No gradient
     flows into the memory. With ``capacity_axis`` (inside shard_map) each device writes
-    only the rows of the segment that its ring owns."""
+    only the rows of the segment that its ring owns.
+
+    which: add to some memories only -- a bool mask of the grid's shape, or indices as
+    numpy takes them for a [*shape] array; concrete (not traced), each memory at most
+    once. keys and values then have the sub-grid's shape in place of the grid's. The
+    new state differs from the old in the selected memories' rows and counters only;
+    the scatter touches those rows alone (O(T) per selected memory, nothing per other
+    memory) and is in place under donation."""
     state = _check_state(state)
     _check_capacity_axis(capacity_axis)
-    shape = state.shape
+    cells, shape = _select_cells(which, state.shape, distinct=True)
     keys = _check_rows(keys, "keys", shape, None, state.key_dim, "key_dim")
     t = keys.shape[-2]
     values = _check_rows(values, "values", shape, t, state.value_dim, "value_dim")
-    if t == 0:
+    if t == 0 or (cells is not None and cells.size == 0):
         return state
-    return _add(state, keys, values, capacity_axis=capacity_axis)
+    return _add(state, keys, values, cells, capacity_axis=capacity_axis)
 
 
 @functools.partial(jax.jit, static_argnames="capacity_axis")
-def _add(state: MemoryState, keys: jax.Array, values: jax.Array, capacity_axis: Any):
+def _add(state: MemoryState, keys: jax.Array, values: jax.Array, cells: Any, capacity_axis: Any):
     keys, values = lax.stop_gradient(keys), lax.stop_gradient(values)
-    shape = state.shape
+    g = math.prod(state.shape)
+    n = g if cells is None else cells.shape[0]  # memories written
     t = keys.shape[-2]
+    keys = keys.reshape(n, t, state.key_dim)
+    values = values.reshape(n, t, state.value_dim)
     cap = state.capacity  # of this device's ring
     shard, shards = _shard_position(capacity_axis)
-    written = state.written
+    all_written = state.written.reshape(g)
+    written = all_written if cells is None else all_written[cells]  # [n]
     local0 = _local_written(written, shard, shards)
     if shards == 1:
         # the last min(T, capacity) rows, at stream offsets written + t
@@ -243,7 +287,7 @@ def _add(state: MemoryState, keys: jax.Array, values: jax.Array, capacity_axis: 
         m = -(-t // shards)
         j = jnp.arange(m, dtype=written.dtype)
         t0 = (shard - written) % shards
-        take = t0[..., None] + shards * j  # [*shape, m]
+        take = t0[..., None] + shards * j  # [n, m]
         mine = _local_written(written + t, shard, shards) - local0  # rows this ring gets
         valid = (take < t) & (j >= mine[..., None] - cap)
         slot_rows = local0[..., None] + j
@@ -258,22 +302,22 @@ def _add(state: MemoryState, keys: jax.Array, values: jax.Array, capacity_axis: 
         new_k = keys[..., t - m :, :]
         new_v = values[..., t - m :, :]
 
-    g = math.prod(shape)
-    flat_slots = slots.reshape(g, m)
-    cell = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32)[:, None], (g, m))
+    ids = jnp.arange(g, dtype=jnp.int32) if cells is None else cells
+    cell = jnp.broadcast_to(ids[:, None], (n, m))
     mode = "drop" if valid is not None else "promise_in_bounds"
     kk = state.keys.reshape(g, cap, state.key_dim)
     vv = state.values.reshape(g, cap, state.value_dim)
-    kk = kk.at[cell, flat_slots].set(
-        new_k.reshape(g, m, state.key_dim), mode=mode, unique_indices=valid is None
-    )
-    vv = vv.at[cell, flat_slots].set(
-        new_v.reshape(g, m, state.value_dim), mode=mode, unique_indices=valid is None
-    )
+    kk = kk.at[cell, slots].set(new_k, mode=mode, unique_indices=valid is None)
+    vv = vv.at[cell, slots].set(new_v, mode=mode, unique_indices=valid is None)
+    step = jnp.asarray(t, written.dtype)
+    if cells is None:
+        all_written = all_written + step
+    else:
+        all_written = all_written.at[cells].add(step, unique_indices=True)
     return state.replace(
         keys=kk.reshape(state.keys.shape),
         values=vv.reshape(state.values.shape),
-        written=written + jnp.asarray(t, written.dtype),
+        written=all_written.reshape(state.shape),
     )
 
 
