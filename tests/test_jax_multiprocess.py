@@ -93,6 +93,52 @@ def test_processes_of_several_devices(nproc: int, ndev: int) -> None:
         assert f"process {i}: multiprocess checks passed" in text, text
 
 
+# -- in this process, on one device: the helpers' arguments ------------------------------------
+
+
+def test_sharded_init_and_shards_on_one_device(tmp_path) -> None:
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import knnmem.jax as kj
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "mem"))
+    state = kj.sharded_init(
+        mesh, (2, 3), 64, 8, 4, "cosine", batch_axis="data", capacity_axis="mem"
+    )
+    want = kj.init((2, 3), 64, 8, 4, "cosine")
+    assert jax.tree.structure(state) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype and not np.asarray(a).any()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 40, 8), dtype=np.float32)
+    state = kj.sharded_add(mesh, state, x, x[..., :4], batch_axis="data", capacity_axis="mem")
+    path = tmp_path / "memory.0.npz"
+    kj.save_shards(state, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.0.npz"]  # no temporary left
+    loaded = kj.load_shards(path, mesh, batch_axis="data", capacity_axis="mem")
+    assert loaded.metric == "cosine"
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    with pytest.raises(ValueError, match=r"batch_axis: expected an axis of the mesh"):
+        kj.sharded_init(mesh, 2, 64, 8, batch_axis="rows")
+    with pytest.raises(TypeError, match="mesh: expected a jax.sharding.Mesh, got str"):
+        kj.sharded_init("mesh", 2, 64, 8)
+    with pytest.raises(ValueError, match="capacity"):
+        kj.sharded_init(mesh, 2, 0, 8)
+    with pytest.raises(TypeError, match="state: expected a knnmem.jax.MemoryState, got dict"):
+        kj.save_shards({}, path)
+    numpy_state = kj.MemoryState(*(np.asarray(a) for a in jax.tree.leaves(state)), "cosine")
+    with pytest.raises(TypeError, match="state.keys: expected a jax.Array, got ndarray"):
+        kj.save_shards(numpy_state, tmp_path / "other.npz")
+    assert not (tmp_path / "other.npz").exists()
+    np.savez(tmp_path / "plain.npz", keys=np.zeros(3))
+    with pytest.raises(ValueError, match=r"plain.npz is not a file written by save_shards"):
+        kj.load_shards(tmp_path / "plain.npz", mesh)
+
+
 # -- run as a script: one process of the job --------------------------------------------------
 
 
