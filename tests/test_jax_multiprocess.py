@@ -13,6 +13,7 @@ coordinator port when the one it picked was taken meanwhile.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +92,35 @@ def test_processes_of_several_devices(nproc: int, ndev: int) -> None:
         texts = run_processes(nproc, ndev, folder)
     for i, text in enumerate(texts):
         assert f"process {i}: multiprocess checks passed" in text, text
+
+
+def test_example_with_local_processes(tmp_path) -> None:
+    """examples/jax_distributed.py --local 2: the example starts its own processes."""
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "jax_distributed.py")
+    cmd = [sys.executable, example, "--local", "2", "--cpu-devices", "2", "--capacity", "4096",
+           "--steps", "4", "--checkpoint-dir", str(tmp_path)]  # fmt: skip
+    for _attempt in range(3):
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"the example still ran after {TIMEOUT_S} s:\n{out[-4000:]}")
+        if proc.returncode == 0 or not _port_taken(out):
+            break
+    assert proc.returncode == 0, out[-4000:]
+    for i in range(2):
+        hits = [int(n) for n in re.findall(rf"process {i}/2 step \d+: (\d+) hits", out)]
+        # 2 rows x 4 heads x 64 queries x k=32 once the memories hold rows; at step 2
+        # process 0's first batch row is reset (a new document) and finds nothing
+        assert hits == [0, 16384, 8192 if i == 0 else 16384, 16384], out
+        # its 2 batch rows x 4 heads x 4096 rows x 64 x 4 bytes
+        assert f"process {i}: 2 devices hold 8 MiB of keys" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.0.npz", "memory.1.npz"]
 
 
 # -- in this process, on one device: the helpers' arguments ------------------------------------
