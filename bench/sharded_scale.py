@@ -1,26 +1,29 @@
 """One knnmem.jax memory of up to 8M rows, its capacity spread over 8 CPU devices: in one
 process, and in 2 processes x 4 devices under jax.distributed (gloo collectives, the way
-a multi-host job runs), against the same memory unsharded on one device.
+a multi-host job runs), against the same memory unsharded on one device, and against a
+knnmem.Memory that stores its keys as bfloat16.
 
     python bench/sharded_scale.py                    # 1M, 2M, 4M, 8M rows (~10 min, 2 cores)
     python bench/sharded_scale.py --rows 1M 8M --reps 5
     python bench/sharded_scale.py --tiny             # 64K and 128K rows: a smoke run
 
 The memory: one memory (grid shape (1,)), key_dim 128, value_dim 1 (the values hardly
-matter to a search; 1 keeps 8M rows at 4 GiB of keys + 32 MiB of values in all), filled
-on the devices themselves (each device draws its own rows: clustered unit keys, 1024
-shared centres + Gaussian noise), so no host ever holds the whole memory. Keys are
-stored as float32 (the knnmem.jax state's format) and scored either exactly in float32
-(recall_target=1.0) or as bfloat16 at recall target 0.9 (precision="bfloat16": the
-keys rounded as they are scanned, half the bytes per row read).
+matter to a search; 1 keeps 8M rows at 4 GiB of float32 keys + 32 MiB of values in all),
+clustered unit keys (1024 shared centres + Gaussian noise). The JAX layouts fill it on
+the devices themselves (each device draws its own rows), so no host ever holds the whole
+memory; their keys are float32 (the knnmem.jax state's format), searched exactly
+(recall_target=1.0) and at recall target 0.9 scored as bfloat16 (precision="bfloat16":
+the float32 rows rounded as they are scanned). The knnmem.Memory layout stores the keys
+as bfloat16 (half the bytes) and searches them exactly and at 0.9, with all cores.
 
-A step is one jitted sharded_search of Q=64 queries, k=32, timed as the median of
---reps calls after one warm-up call (in 2 processes: process 0's wall time, all
-processes starting together). Also printed: keys + values bytes held by each device,
-the bytes each device puts into collectives per search (the all-reduce operands of the
-compiled program: the candidates' scores and positions and the k winning rows, never
-the memory's keys), recall@32 of the 0.9 search against the exact one on the same
-memory, and time relative to the same layout at the smallest size.
+A step is one search of Q=64 queries, k=32 (JAX: a jitted sharded_search), timed as
+the median of --reps calls after one warm-up call (in 2 processes: process 0's wall
+time, all processes starting together). Also printed: keys + values bytes held by each
+device, the bytes each device puts into collectives per search (the all-reduce operands
+of the compiled program: the candidates' scores and positions and the k winning rows,
+never the memory's keys), recall@32 of the 0.9 search against the exact one on the same
+memory, time relative to the same layout at the smallest size, and relative to JAX on
+one device at the same size.
 
 On a machine with fewer cores than devices the devices share the cores, so the
 sharded layouts show what sharding costs (merge and collectives), not what it gains;
@@ -173,6 +176,47 @@ def worker(pid: int, nproc: int, ndev: int, port: int, sizes: list[int], reps: i
         jax.distributed.shutdown()
 
 
+def core_worker(sizes: list[int], reps: int) -> None:
+    """The same memory as a knnmem.Memory with bfloat16 keys (no JAX): the cost of keys
+    stored as bfloat16, which a knnmem.jax state (float32 rows) does not have."""
+    import numpy as np
+
+    import knnmem
+    from knnmem.eval import recall
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((CENTRES, KEY_DIM), dtype=np.float32)
+
+    def draw(n):
+        x = centres[rng.integers(0, CENTRES, n)] + 0.5 * rng.standard_normal(
+            (n, KEY_DIM), dtype=np.float32
+        )
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    queries = draw(Q)[None]
+    for rows in sizes:
+        mem = knnmem.Memory(1, rows, KEY_DIM, VALUE_DIM, dtype="bfloat16")
+        chunk = min(rows, 1 << 18)
+        for _ in range(rows // chunk):
+            mem.add(draw(chunk)[None], np.zeros((1, chunk, VALUE_DIM), np.float32))
+        out = {"rows": rows, "devices": 1, "processes": 1, "bytes_per_device": mem.nbytes}
+        results = {}
+        for name, rt, _ in MODES:
+            mem.search(queries, k=K, recall_target=rt)  # warm-up
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                res = mem.search(queries, k=K, recall_target=rt)
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_ms"] = 1e3 * statistics.median(times)
+            out[f"{name}_collective_bytes"] = 0
+            results[name] = res.indices
+        out["recall"] = recall(results["bf16@0.9"][0], results["exact"][0])
+        out["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print("RESULT " + json.dumps(out), flush=True)
+        del mem
+
+
 # -- the driver: one layout after another, each in fresh processes ---------------------------
 
 
@@ -216,7 +260,10 @@ def run_layout(nproc: int, ndev: int, sizes: list[int], reps: int, timeout: floa
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         pid, nproc, ndev, port, reps, *sizes = map(int, sys.argv[2:])
-        worker(pid, nproc, ndev, port, sizes, reps)
+        if ndev == 0:
+            core_worker(sizes, reps)
+        else:
+            worker(pid, nproc, ndev, port, sizes, reps)
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", type=_rows, default=[1 << 20, 2 << 20, 4 << 20, 8 << 20])
@@ -229,8 +276,12 @@ def main() -> None:
         args.rows, args.reps = [1 << 16, 1 << 17], 2
     import knnmem
 
-    layouts = [(1, 1, "1 process x 1 device"), (1, 8, "1 process x 8 devices"),
-               (2, 4, "2 processes x 4 devices")]  # fmt: skip
+    layouts = [
+        (1, 0, "knnmem.Memory, bf16 keys"),
+        (1, 1, "JAX, 1 device"),
+        (1, 8, "JAX, 1 process x 8 devices"),
+        (2, 4, "JAX, 2 processes x 4 devices"),
+    ]
     print(f"knnmem kernel {knnmem._core.get_kernel()}, {os.cpu_count()} CPUs, "
           f"Q={Q}, k={K}, key_dim={KEY_DIM}, value_dim={VALUE_DIM}, {args.reps} reps")  # fmt: skip
     rows = []
@@ -244,11 +295,11 @@ def main() -> None:
     base: dict[str, dict] = {}  # each layout's smallest size
     for r in sorted(rows, key=lambda r: r["rows"]):
         base.setdefault(r["layout"], r)
-    unsharded = {r["rows"]: r for r in rows if r["devices"] == 1}
+    unsharded = {r["rows"]: r for r in rows if r["layout"] == layouts[1][2]}
     print()
-    print("| rows | layout | keys+values per device | exact (f32) | bf16, target 0.9 | "
-          "recall@32 | collectives per device per search | bf16 time vs smallest | "
-          "bf16 time vs 1 device |")  # fmt: skip
+    print("| rows | layout | keys+values per device | exact | target 0.9 | "
+          "recall@32 | collectives per device per search | 0.9: time vs smallest | "
+          "0.9: time vs 1 device |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         first = base[r["layout"]]

@@ -167,6 +167,11 @@ def test_sharded_init_and_shards_on_one_device(tmp_path) -> None:
     np.savez(tmp_path / "plain.npz", keys=np.zeros(3))
     with pytest.raises(ValueError, match=r"plain.npz is not a file written by save_shards"):
         kj.load_shards(tmp_path / "plain.npz", mesh)
+    (tmp_path / "text.npz").write_text("not a zip file")
+    with pytest.raises(ValueError, match=r"text.npz is not a file written by save_shards"):
+        kj.load_shards(tmp_path / "text.npz", mesh)
+    with pytest.raises(FileNotFoundError):
+        kj.load_shards(tmp_path / "missing.npz", mesh)
 
 
 # -- run as a script: one process of the job --------------------------------------------------
@@ -225,6 +230,15 @@ def _main(pid: int, nproc: int, ndev: int, port: int, folder: str) -> None:
         return n
 
     SearchResultFields = kj.SearchResult._fields
+    for mesh, bad_shape, bad_cap, message in (
+        (mesh_b, (3, 2), cap, "shape: expected a first axis that is a multiple of the size"),
+        (mesh_a, shape, cap + 1, f"capacity: expected a multiple of the size {ndev} of "),
+    ):
+        try:
+            kj.sharded_init(mesh, bad_shape, bad_cap, d, **axes)
+            raise AssertionError(f"sharded_init took {bad_shape}, {bad_cap}")
+        except ValueError as e:
+            assert message in str(e), e
     flat = kj.init(shape, cap, d)  # the unsharded reference, on this process's first device
     state_a = kj.sharded_init(mesh_a, shape, cap, d, **axes)
     state_b = kj.sharded_init(mesh_b, shape, cap, d, **axes)

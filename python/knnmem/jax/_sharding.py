@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import zipfile
 from typing import Any
 
 import jax
@@ -26,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._contract import SearchResult, normalize_shape
+from .._contract import SearchResult, check_sizes, normalize_shape
 from ._search import search
 from ._state import MemoryState, _check_state, add, init
 
@@ -138,8 +140,14 @@ def sharded_init(
     size of capacity_axis; the grid's first axis a multiple of the size of batch_axis."""
     _check_mesh_axes(mesh, batch_axis=batch_axis, capacity_axis=capacity_axis)
     shape = normalize_shape(shape)
+    capacity, key_dim, value_dim = check_sizes(capacity, key_dim, value_dim)
     shards = _axis_size(mesh, capacity_axis)
     split = _axis_size(mesh, batch_axis)
+    if capacity % shards:
+        raise ValueError(
+            f"capacity: expected a multiple of the size {shards} of "
+            f"capacity_axis={capacity_axis!r}, got {capacity}"
+        )
     if batch_axis is not None and (not shape or shape[0] % split):
         raise ValueError(
             f"shape: expected a first axis that is a multiple of the size {split} of "
@@ -217,16 +225,23 @@ def load_shards(
     file lacks a shard this process's devices need (another mesh layout or process)."""
     _check_mesh_axes(mesh, batch_axis=batch_axis, capacity_axis=capacity_axis)
     path = os.fspath(path)
-    with np.load(path, allow_pickle=False) as f:
-        data = {name: f[name] for name in f.files}
+    not_ours = ValueError(f"path: {path} is not a file written by save_shards")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {name: f[name] for name in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise not_ours from None
     try:
         meta = json.loads(str(data["__meta__"]))
         if meta["format"] != _SHARDS_FORMAT:
             raise KeyError("format")
-    except (KeyError, ValueError):
-        raise ValueError(f"path: {path} is not a file written by save_shards") from None
-    if meta["format_version"] != 1:
-        raise ValueError(f"path: {path} has format_version {meta['format_version']}, expected 1")
+        version = meta["format_version"]
+    except (KeyError, ValueError, TypeError):
+        raise not_ours from None
+    if version != 1:
+        raise ValueError(f"path: {path} has format_version {version}, expected 1")
     shapes = {name: tuple(meta[name]["shape"]) for name in _LEAVES}
     abstract = MemoryState(
         *(jax.ShapeDtypeStruct(shapes[n], np.dtype(meta[n]["dtype"])) for n in _LEAVES),
