@@ -3,7 +3,7 @@ process, and in 2 processes x 4 devices under jax.distributed (gloo collectives,
 a multi-host job runs), against the same memory unsharded on one device, and against a
 knnmem.Memory that stores its keys as bfloat16.
 
-    python bench/sharded_scale.py                    # 1M, 2M, 4M, 8M rows (~10 min, 2 cores)
+    python bench/sharded_scale.py                    # 1M, 2M, 4M, 8M rows (5-12 min on 2 cores)
     python bench/sharded_scale.py --rows 1M 8M --reps 5
     python bench/sharded_scale.py --tiny             # 64K and 128K rows: a smoke run
 
