@@ -46,7 +46,8 @@ The modules of this package, one job each (all private; this namespace is the AP
     _state      MemoryState, init, count, add, reset; argument checks; ring arithmetic
                 of a capacity-sharded memory
     _search     search: backend choice, batching rule, gradient rule, capacity merge
-    _sharding   partition_specs, sharded_search, sharded_add
+    _sharding   partition_specs, sharded_search, sharded_add, sharded_init, save_shards,
+                load_shards (one process or one per host)
     _attention  memorizing_attention
 """
 
@@ -61,7 +62,14 @@ from ._ffi import _warn_missing_ffi, ffi_available, ffi_cuda_available
 from ._reference import PLACEMENT_BLOCK as PLACEMENT_BLOCK
 from ._search import IMPLS as IMPLS
 from ._search import search, search_reference
-from ._sharding import partition_specs, sharded_add, sharded_search
+from ._sharding import (
+    load_shards,
+    partition_specs,
+    save_shards,
+    sharded_add,
+    sharded_init,
+    sharded_search,
+)
 from ._state import MemoryState, add, count, init, reset
 
 __all__ = [
@@ -77,6 +85,9 @@ __all__ = [
     "partition_specs",
     "sharded_add",
     "sharded_search",
+    "sharded_init",
+    "save_shards",
+    "load_shards",
     "ffi_available",
     "ffi_cuda_available",
 ]
@@ -94,6 +105,9 @@ for _obj in (
     partition_specs,
     sharded_add,
     sharded_search,
+    sharded_init,
+    save_shards,
+    load_shards,
     ffi_available,
     ffi_cuda_available,
 ):
