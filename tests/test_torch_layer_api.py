@@ -62,7 +62,11 @@ def test_temperature_arguments_are_checked(kwargs, message) -> None:
 def test_from_multihead_attention_equals_the_pretrained_layer(bias: bool) -> None:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(32, 4, bias=bias, batch_first=True).eval()
-    layer = kt.MemorizingAttention.from_multihead_attention(mha, batch_size=2, capacity=64, k=4)
+    layer = kt.MemorizingAttention.from_multihead_attention(
+        mha, batch_size=2, capacity=64, k=4, gate_init=-20.0
+    )
+    default = kt.MemorizingAttention.from_multihead_attention(mha, batch_size=2)
+    torch.testing.assert_close(torch.sigmoid(default.gate), torch.full((4,), 1 / (1 + math.e**5)))
     assert layer.qkv.bias is not None if bias else layer.qkv.bias is None
     segs = [torch.randn(2, 8, 32) for _ in range(3)]
     mask = ~causal_mask(8)  # True: not allowed (nn.MultiheadAttention's convention)
@@ -94,7 +98,9 @@ def test_from_projections_equals_a_rotary_decoder_attention() -> None:
     dim, h, d = 32, 2, 16
     q, k, v = (nn.Linear(dim, h * d, bias=True) for _ in range(3))
     o = nn.Linear(h * d, dim, bias=False)
-    layer = kt.MemorizingAttention.from_projections(q, k, v, o, h, batch_size=2, capacity=64, k=4)
+    layer = kt.MemorizingAttention.from_projections(
+        q, k, v, o, h, batch_size=2, capacity=64, k=4, gate_init=-20.0
+    )
 
     def pretrained(x):
         b, t, _ = x.shape

@@ -49,6 +49,13 @@ def _log_scale_init(scale_init: float, max_scale: Optional[float]) -> float:
     return -math.log(1.0 / scale_init - 1.0 / max_scale)
 
 
+# The gate bias of a layer built from a pretrained one: the memory's share starts at
+# sigmoid(-5) = 0.7% (the pretrained output nearly unchanged) while staying within reach
+# of Adam (it moves a bias by about lr per step; a share of 12% at -2 already kept a
+# small recall model from learning in 250 steps, docs/memory.md).
+PRETRAINED_GATE_INIT = -5.0
+
+
 class MemorizingAttention(nn.Module):
     """Multi-head attention over the current segment plus a kNN memory of past ones.
 
@@ -191,8 +198,10 @@ class MemorizingAttention(nn.Module):
     ) -> "MemorizingAttention":
         """A MemorizingAttention whose local attention is the causal self-attention of
         ``mha`` (a torch.nn.MultiheadAttention; its weights are copied): with an empty
-        memory, or with the gate closed (``gate_init``, default -20 here), the output is
-        mha(x, x, x, attn_mask=causal)[0] (batch_first layout [B, T, dim]). The memory
+        memory the output is mha(x, x, x, attn_mask=causal)[0] (batch_first layout
+        [B, T, dim]), and with a full one it moves by sigmoid(gate_init) of the
+        difference (default gate_init -5 here: 0.7%, a gate Adam can open in
+        thousands of steps; -20 closes it for good). The memory
         attention uses the normalised queries and keys of the same projections and a
         new temperature and gate, to be learned by fine-tuning. Other keyword arguments
         go to the constructor (capacity, k, scale_init, context, ...)."""
@@ -213,7 +222,7 @@ class MemorizingAttention(nn.Module):
             bias=mha.in_proj_bias is not None,
             qk_norm=False,
             rotary=rotary,
-            **{"gate_init": -20.0, "device": w.device, **kwargs},
+            **{"gate_init": PRETRAINED_GATE_INIT, "device": w.device, **kwargs},
         )
         with torch.no_grad():
             layer.qkv.weight.copy_(w)
@@ -240,8 +249,9 @@ class MemorizingAttention(nn.Module):
         pretrained causal self-attention with num_heads heads of q_proj.out_features //
         num_heads (no grouped keys): local attention softmax(q k^T / sqrt(head_dim))
         with, if ``rotary``, rotary positions over half-split pairs (the rotate-half
-        convention, base ``rotary_base``). With an empty memory or a closed gate
-        (``gate_init``, default -20 here) the output is the pretrained layer's."""
+        convention, base ``rotary_base``). With an empty memory the output is the
+        pretrained layer's (with a full one, within sigmoid(gate_init) of it: default
+        -5 here, as from_multihead_attention)."""
         projs = {"q_proj": q_proj, "k_proj": k_proj, "v_proj": v_proj, "o_proj": o_proj}
         for name, p in projs.items():
             if not isinstance(p, nn.Linear):
@@ -271,7 +281,7 @@ class MemorizingAttention(nn.Module):
             bias=bias,
             qk_norm=False,
             rotary=rotary,
-            **{"gate_init": -20.0, "device": w.device, **kwargs},
+            **{"gate_init": PRETRAINED_GATE_INIT, "device": w.device, **kwargs},
         )
         with torch.no_grad():
             layer.qkv.weight.copy_(torch.cat([q_proj.weight, k_proj.weight, v_proj.weight]))
