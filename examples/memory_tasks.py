@@ -84,7 +84,7 @@ def recall_batch(task: Recall, batch: int, rng: np.random.Generator):
 class Code:
     segment: int = 64
     segments: int = 8
-    define_segments: int = 2  # the definitions fill the first segments
+    define_segments: int = 3  # the definitions fill the first segments
     names: int = 512  # function-name pool (f_0 .. f_511)
     variables: int = 16  # v_0 .. v_15
     numbers: int = 10  # 0 .. 9

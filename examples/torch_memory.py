@@ -210,14 +210,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--small", action="store_true", help="width 64, segments of 32 (~4x faster)")
     p.add_argument("--threads", type=int)
     p.add_argument("--plot", default=None, help="PNG path (default: torch_memory_<task>.png)")
     args = p.parse_args(argv)
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
+        if f.name != "task" and getattr(args, f.name, None) is not None
     }
+    overrides["task"] = args.task
+    if args.small:  # the configuration of the CI test, for a quick look
+        small = dict(dim=64, segment=32, pairs=16, values=8, lr=1e-2, eval_every=50, steps=400)
+        overrides = {**small, **overrides}
     cfg = Config(**overrides)
     if cfg.task == "code":
         print(tasks.code_sample(tasks.Code(), words=40), "\n")
