@@ -3,16 +3,22 @@ identical model without memory on two synthetic tasks (CPU, a few minutes; see
 examples/memory_tasks.py and examples/torch_memory.py for the same in PyTorch).
 
     python examples/jax_memory.py recall       # associative recall across segments
-    python examples/jax_memory.py code         # synthetic code: names defined far back
+    python examples/jax_memory.py code         # synthetic code (no win yet, see below)
 
 A 2-layer transformer (width 128, 4 heads, ALiBi positions) reads each batch of
-documents segment by segment inside one jitted function (the memory state starts
-empty with each batch of documents); layer 0 has the kNN memory, and every layer
-attends to the previous segment (a Transformer-XL context). The baseline is the
-same model with the memory switched off, from the same seed, on the same batches.
-The temperature is knnmem.jax.bounded_scale (at most 32). Evaluation runs at another
-batch size (a state of that size). Prints the held-out metric of both models and
-writes a PNG of the curves (with matplotlib: pip install knnmem[examples]).
+documents segment by segment inside one jitted function (the memory state starts empty
+with each batch of documents); layer 0 (recall) or 1 (code) has the kNN memory, and
+every layer attends to the previous segment (a Transformer-XL context). The baseline
+is the same model with the memory switched off, from the same seed, on the same
+batches. The temperature is knnmem.jax.bounded_scale (at most 32). Evaluation runs at
+another batch size (a state of that size). Prints the held-out metric of both models
+and writes a PNG of the curves (with matplotlib: pip install knnmem[examples]).
+
+The recall task shows the memory winning by a wide margin (docs/memory.md). The code
+task does not yet: after 200 steps (width 64, segments of 32, lr 1e-2) the two
+models' held-out losses on the later segments were equal to within 0.003 nats/word
+(the memory layer has not learned to look up the defined names); it is kept as a
+harder benchmark.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class Config:
     dim: int = 128
     heads: int = 4
     layers: int = 2
-    memory_layer: int = 0
+    memory_layer: int = -1  # -1: 0 for recall, 1 for code (after a layer of local context)
     k: int = 8
     lr: float = 3e-3
     seed: int = 0
@@ -56,6 +62,14 @@ class Config:
     scale_init: float = 10.0
     max_scale: float | None = 32.0
     gate_init: float = 0.0
+
+
+def memory_layer(cfg: Config) -> int:
+    """The layer with the memory: recall's keys are in the tokens themselves (layer 0);
+    code needs each position to know its previous tokens first (layer 1)."""
+    if cfg.memory_layer >= 0:
+        return cfg.memory_layer
+    return 0 if cfg.task == "recall" else min(1, cfg.layers - 1)
 
 
 def task_of(cfg: Config):
@@ -144,7 +158,7 @@ def segment_forward(params, cfg: Config, tokens, partners, context, memory, use_
         q, k, v = (a.reshape(b, t, h, dh).transpose(0, 2, 1, 3) for a in jnp.split(y, 3, -1))
         ck, cv = context[i]
         scale = kj.bounded_scale(p["log_scale"], cfg.max_scale)
-        if use_memory and i == cfg.memory_layer:
+        if use_memory and i == memory_layer(cfg):
             att, memory = kj.memorizing_attention(
                 q, k, v, memory, params["gate"], scale=scale, k=cfg.k,
                 context_keys=ck, context_values=cv, local_bias=bias,
@@ -236,7 +250,7 @@ def train(cfg: Config, log=print) -> dict:
                     f"  step {step:5d}  train loss {float(loss):.3f}  held-out loss "
                     f"{ev['loss']:.3f}  accuracy {ev['accuracy']:.3f}  ({secs:.0f} s)"
                 )
-    mem = params["layers"][cfg.memory_layer]
+    mem = params["layers"][memory_layer(cfg)]
     return {
         "curve": curve,
         "final": curve[-1][1],

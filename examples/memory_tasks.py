@@ -17,8 +17,9 @@ recall: associative recall across segments. Segment 0 writes ``pairs`` key/value
 
 code: synthetic source files. The first segments define functions with random names
     (``def f_123 ( a , b ) :`` and a body); the later segments call them
-    (``v_7 = f_123 ( v_2 , 4 )``). Which names exist is only in the definitions, many
-    segments back: the memory can retrieve them, the local window mostly cannot. Word
+    (``f_123 ( v_2 , 4 )``, one per line). Which names exist is only in the definitions
+    and the earlier calls, many segments back: the memory can retrieve them, the local
+    window and the previous segment hold only some. Word
     tokens over a fixed vocabulary (keywords, punctuation, names, small numbers).
 """
 
@@ -83,8 +84,8 @@ def recall_batch(task: Recall, batch: int, rng: np.random.Generator):
 @dataclasses.dataclass(frozen=True)
 class Code:
     segment: int = 64
-    segments: int = 8
-    define_segments: int = 3  # the definitions fill the first segments
+    segments: int = 9
+    define_segments: int = 5  # the definitions fill the first segments
     names: int = 512  # function-name pool (f_0 .. f_511)
     variables: int = 16  # v_0 .. v_15
     numbers: int = 10  # 0 .. 9
@@ -128,7 +129,7 @@ def _code_words(task: Code, rng: np.random.Generator) -> tuple[list[str], int]:
     words += ["<pad>"] * (budget - len(words))
     n_def = len(words)
     total = task.segments * task.segment
-    while len(words) < total:  # calls: v_i = f ( x , y )
+    while len(words) < total:  # calls: f ( x , y )
         name = defined[rng.integers(len(defined))]
         args = []
         for _ in range(args_of[name]):
@@ -137,7 +138,7 @@ def _code_words(task: Code, rng: np.random.Generator) -> tuple[list[str], int]:
                 if rng.random() < 0.5
                 else str(rng.integers(task.numbers))
             )
-        line = [f"v_{rng.integers(task.variables)}", "=", name, "("]
+        line = [name, "("]
         line += [w for a in args for w in (a, ",")][:-1] + [")", "\n"]
         words += line
     return words[:total], n_def

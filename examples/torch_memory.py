@@ -2,15 +2,22 @@
 memory on two synthetic tasks (CPU, a few minutes; see examples/memory_tasks.py).
 
     python examples/torch_memory.py recall       # associative recall across segments
-    python examples/torch_memory.py code         # synthetic code: names defined far back
+    python examples/torch_memory.py code         # synthetic code (no win yet, see below)
     python examples/torch_memory.py recall --steps 300 --plot recall.png
 
 A 2-layer transformer (width 128, 4 heads) reads each document segment by segment;
-layer 0 is a MemorizingAttention (its memory is cleared at each document start), and
-every layer also attends to the previous segment (a Transformer-XL context), so the
-baseline sees as far back as the memory model does locally. The baseline is the same
-model with use_memory=False, from the same seed, on the same batches. Evaluation runs
-on held-out documents at another batch size (knnmem.torch.at_batch_size).
+layer 0 (recall) or 1 (code) is a MemorizingAttention (its memory is cleared at each
+document start), and every layer also attends to the previous segment (a Transformer-
+XL context), so the baseline sees as far back as the memory model does locally. The
+baseline is the same model with use_memory=False, from the same seed, on the same
+batches. Evaluation runs on held-out documents at another batch size
+(knnmem.torch.at_batch_size).
+
+The recall task shows the memory winning by a wide margin (docs/memory.md). The code
+task does not yet: after 200 steps (width 64, segments of 32, lr 1e-2) the two
+models' held-out losses on the later segments were equal to within 0.003 nats/word
+(the memory layer has not learned to look up the defined names); it is kept as a
+harder benchmark.
 
 Prints the held-out metric of both models during training (recall: accuracy on the
 query positions; code: loss in nats per word on the segments beyond the XL context)
@@ -47,7 +54,7 @@ class Config:
     dim: int = 128
     heads: int = 4
     layers: int = 2
-    memory_layer: int = 0
+    memory_layer: int = -1  # -1: 0 for recall, 1 for code (after a layer of local context)
     k: int = 8
     lr: float = 3e-3
     seed: int = 0
@@ -92,7 +99,7 @@ class Model(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, cfg.dim)
         self.blocks = nn.ModuleList(
-            Block(cfg, cfg.batch, capacity, cfg.memory and i == cfg.memory_layer)
+            Block(cfg, cfg.batch, capacity, cfg.memory and i == memory_layer(cfg))
             for i in range(cfg.layers)
         )
         self.ln = nn.LayerNorm(cfg.dim)
@@ -104,6 +111,14 @@ class Model(nn.Module):
         for block in self.blocks:
             x = block(x, reset)
         return self.ln(x) @ self.embed.weight.T  # tied embeddings
+
+
+def memory_layer(cfg: Config) -> int:
+    """The layer with the memory: recall's keys are in the tokens themselves (layer 0);
+    code needs each position to know its previous tokens first (layer 1)."""
+    if cfg.memory_layer >= 0:
+        return cfg.memory_layer
+    return 0 if cfg.task == "recall" else min(1, cfg.layers - 1)
 
 
 def task_of(cfg: Config):

@@ -1,7 +1,7 @@
 """The memory wins: short, seeded training runs of examples/torch_memory.py and
 examples/jax_memory.py on associative recall across segments (the memory model far
-above chance, the identical baseline at chance); the synthetic-code runs (held-out
-loss on the later segments lower with memory) are long (-m long)."""
+above chance, the identical baseline at chance); the data asks for what was written;
+the plots are optional."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_recall_data_asks_for_what_was_written() -> None:
 def test_torch_recall_memory_beats_baseline(tmp_path) -> None:
     pytest.importorskip("torch")
     ex = load("torch_memory")
-    cfg = ex.Config(task="recall", steps=250, eval_every=250, threads=2, **SMALL)
+    cfg = ex.Config(task="recall", steps=250, eval_every=250, threads=1, **SMALL)
     mem = ex.train(cfg, log=None)["final"]["accuracy"]
     base = ex.train(ex.dataclasses.replace(cfg, memory=False), log=None)["final"]["accuracy"]
     assert base < 0.2  # chance is 1/8: nothing in reach says what was written
@@ -57,22 +57,11 @@ def test_torch_recall_memory_beats_baseline(tmp_path) -> None:
 def test_jax_recall_memory_beats_baseline() -> None:
     pytest.importorskip("jax")
     ex = load("jax_memory")
-    cfg = ex.Config(task="recall", steps=250, eval_every=250, **SMALL)
+    cfg = ex.Config(task="recall", steps=300, eval_every=300, **SMALL)
     mem = ex.train(cfg, log=None)["final"]["accuracy"]
     base = ex.train(ex.dataclasses.replace(cfg, memory=False), log=None)["final"]["accuracy"]
     assert base < 0.2
     assert mem > 0.45 and mem > base + 0.3, (mem, base)
-
-
-@pytest.mark.long
-@pytest.mark.parametrize("name", ["torch_memory", "jax_memory"])
-def test_code_memory_lowers_the_loss_of_later_segments(name: str) -> None:
-    pytest.importorskip(name.split("_")[0])
-    ex = load(name)
-    cfg = ex.Config(task="code", steps=400, eval_every=400, eval_batch=32)
-    mem = ex.train(cfg, log=None)["final"]["loss"]
-    base = ex.train(ex.dataclasses.replace(cfg, memory=False), log=None)["final"]["loss"]
-    assert mem < base - 0.1, (mem, base)
 
 
 def test_plot_is_optional(tmp_path, capsys) -> None:
