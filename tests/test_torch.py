@@ -257,6 +257,7 @@ def test_package_api_and_layout() -> None:
     assert set(kt.__all__) == {
         *("search", "add", "clear", "use_reference", "SearchResult"),
         *("KNNMemory", "MemorizingAttention", "ShardedKNNMemory", "ddp_ignore_memories"),
+        "at_batch_size",
     }
     assert all(getattr(kt, name) is not None for name in kt.__all__)
     assert kt.SearchResult is knnmem.SearchResult

@@ -48,7 +48,7 @@ The modules of this package, one job each (all private; this namespace is the AP
     _search     search: backend choice, batching rule, gradient rule, capacity merge
     _sharding   partition_specs, sharded_search, sharded_add, sharded_init, save_shards,
                 load_shards (one process or one per host)
-    _attention  memorizing_attention
+    _attention  memorizing_attention, bounded_scale(_init)
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from __future__ import annotations
 from .._contract import METRICS as METRICS
 from .._contract import PRECISIONS as PRECISIONS
 from .._contract import SearchResult
-from ._attention import memorizing_attention
+from ._attention import bounded_scale, bounded_scale_init, memorizing_attention
 from ._ffi import _warn_missing_ffi, ffi_available, ffi_cuda_available
 from ._reference import PLACEMENT_BLOCK as PLACEMENT_BLOCK
 from ._search import IMPLS as IMPLS
@@ -82,6 +82,8 @@ __all__ = [
     "search_reference",
     "count",
     "memorizing_attention",
+    "bounded_scale",
+    "bounded_scale_init",
     "partition_specs",
     "sharded_add",
     "sharded_search",
@@ -102,6 +104,8 @@ for _obj in (
     search_reference,
     count,
     memorizing_attention,
+    bounded_scale,
+    bounded_scale_init,
     partition_specs,
     sharded_add,
     sharded_search,

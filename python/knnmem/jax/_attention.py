@@ -27,6 +27,29 @@ def _softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
     return e / jnp.where(z > 0, z, 1)
 
 
+def bounded_scale(log_scale: Any, max_scale: float | None = 32.0) -> jax.Array:
+    """A learned temperature with an upper bound, for ``memorizing_attention(scale=...)``:
+    1 / (exp(-log_scale) + 1 / max_scale), which is exp(log_scale) while that is small
+    against max_scale and approaches max_scale smoothly (max_scale None: exp(log_scale)).
+    An unbounded temperature can run away under a constant learning rate. The value of
+    log_scale that starts at temperature s is :func:`bounded_scale_init`."""
+    log_scale = jnp.asarray(log_scale, jnp.float32)
+    if max_scale is None:
+        return jnp.exp(log_scale)
+    return 1.0 / (jnp.exp(-log_scale) + 1.0 / max_scale)
+
+
+def bounded_scale_init(scale: float, max_scale: float | None = 32.0) -> float:
+    """The log_scale whose :func:`bounded_scale` is ``scale`` (0 < scale < max_scale)."""
+    if not scale > 0:
+        raise ValueError(f"scale: expected a number > 0, got {scale!r}")
+    if max_scale is None:
+        return math.log(scale)
+    if not max_scale > scale:
+        raise ValueError(f"max_scale: expected None or a number > scale={scale}, got {max_scale!r}")
+    return -math.log(1.0 / scale - 1.0 / max_scale)
+
+
 def memorizing_attention(
     queries: Any,
     keys: Any,
@@ -43,6 +66,7 @@ def memorizing_attention(
     local_bias: Any = None,
     impl: str = "auto",
     capacity_axis: Any = None,
+    update: bool = True,
 ) -> tuple[jax.Array, MemoryState]:
     """The kNN-augmented attention layer of Memorizing Transformers (Wu et al., 2022).
 
@@ -63,7 +87,12 @@ def memorizing_attention(
     Gradients flow through queries, keys and values of the segment and through the
     retrieved keys/values' scores into the queries, never into the memory. The state
     should use metric "ip" (keys are stored normalised). ``impl`` and ``capacity_axis``
-    are passed to search (and ``capacity_axis`` to add). Returns (out, new_state)."""
+    are passed to search (and ``capacity_axis`` to add). Returns (out, new_state).
+
+    ``update=False`` leaves the memory as it is (only a reset applies): one-token
+    decoding passes the segment decoded so far as context (after the previous segment)
+    and adds the segment to the memory when it is complete, with
+    ``add(state, normalized_keys, values)``; see docs/memory.md."""
     state = _check_state(state)
     shape = state.shape
     q = _check_rows(queries, "queries", shape, None, state.key_dim, "key_dim", rows_name="T")
@@ -117,5 +146,7 @@ def memorizing_attention(
     gate = jax.nn.sigmoid(jnp.asarray(gate_bias, jnp.float32))
     gate = jnp.broadcast_to(gate, shape)[..., None, None]
     out = jnp.where(has_mem, gate * mem_out + (1 - gate) * local_out, local_out)
+    if not update:
+        return out, state
     new_state = add(state, kn, vv, capacity_axis=capacity_axis)
     return out, new_state

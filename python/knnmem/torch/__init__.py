@@ -49,7 +49,7 @@ Layout (each private module imports only the ones above it in this list):
 """
 
 from .._contract import SearchResult
-from ._attention import MemorizingAttention
+from ._attention import MemorizingAttention, at_batch_size
 from ._distributed import ShardedKNNMemory, ddp_ignore_memories
 from ._memory import KNNMemory
 from ._ops import add, clear, search, use_reference
@@ -60,6 +60,7 @@ __all__ = [
     "clear",
     "KNNMemory",
     "MemorizingAttention",
+    "at_batch_size",
     "SearchResult",
     "ShardedKNNMemory",
     "ddp_ignore_memories",
