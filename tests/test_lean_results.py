@@ -398,3 +398,31 @@ def test_big_results_are_never_reused_while_referenced() -> None:
     _same(first, saved, FIELDS)
     np.testing.assert_array_equal(view, saved.values[1:3])
     assert torch.equal(tensor, torch.from_numpy(saved.keys))
+
+
+@pytest.mark.parametrize("recall", [1.0, 0.9])
+def test_torch_layer_with_lean_search_keeps_outputs_and_gradients(recall) -> None:
+    # MemorizingAttention takes its memory logits from the search's scores (keys fetched
+    # for the backward only); the earlier formulation recomputed q.k from returned keys.
+    import knnmem.torch as kt
+
+    def run(lean):
+        torch.manual_seed(0)
+        layer = kt.MemorizingAttention(
+            dim=64, num_heads=4, batch_size=2, capacity=256, k=8, recall_target=recall
+        )
+        layer._lean_search = lean
+        loss = 0.0
+        for i in range(4):  # the memory fills, wraps (256 rows, 4 x 64), and one row resets
+            y = layer(torch.randn(2, 64, 64), reset=torch.tensor([i == 2, False]))
+            loss = loss + (y**2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    loss, grads = run(True)
+    loss0, grads0 = run(False)
+    torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0)
+    assert grads.keys() == grads0.keys()
+    for name in grads0:
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-8, msg=name)

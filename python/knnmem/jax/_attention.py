@@ -111,7 +111,18 @@ def memorizing_attention(
         visible_context = ~m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
 
     # (b) memory
-    res = search(state, qn, k, recall_target, impl=impl, capacity_axis=capacity_axis)
+    # Only what the layer reads: the memory logits are the search's scores (keys are
+    # fetched only when differentiating, and on a capacity-sharded memory never cross
+    # the devices).
+    res = search(
+        state,
+        qn,
+        k,
+        recall_target,
+        impl=impl,
+        capacity_axis=capacity_axis,
+        fields=("scores", "values", "mask"),
+    )
     # (-inf scores of empty entries must not meet the scale: -inf * 0 is a NaN gradient)
     w_mem = _softmax(scale * jnp.where(res.mask, res.scores, 0), res.mask)
     mem_out = jnp.einsum("...qk,...qkd->...qd", w_mem, res.values)

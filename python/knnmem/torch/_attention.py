@@ -125,6 +125,10 @@ class MemorizingAttention(nn.Module):
     before the search).
     """
 
+    # Memory logits from the search's scores (no second q.k, no keys returned); False
+    # restores the earlier formulation (keys returned, logits recomputed) for comparisons.
+    _lean_search = True
+
     def __init__(
         self,
         dim: int,
@@ -408,16 +412,31 @@ class MemorizingAttention(nn.Module):
 
     def _with_memory(self, local: Tensor, qs: Tensor, v: Tensor) -> Tensor:
         """The gated mix of local with the attention over the memory (searched with qs)."""
-        res = self.memory.search(
-            F.normalize(qs.detach(), dim=-1), k=self.k, recall_target=self.recall_target
-        )
-        mem_k = res.keys.to(qs.dtype)
+        h = self.num_heads
+        if self._lean_search:
+            # The memory logits are the search's own scores of the normalised queries,
+            # times the temperature: q.k is not computed twice, and the retrieved keys
+            # are fetched only where the backward pass needs them (queries that
+            # require grad), never returned. The same function of qs as below.
+            scale = self.scale.to(qs.dtype).view(1, h, 1, 1)
+            res = self.memory.search(
+                qs / scale,
+                k=self.k,
+                recall_target=self.recall_target,
+                fields=("scores", "values", "mask"),
+            )
+            # (empty entries score -inf: zeroed before the scale, or -inf * 0 is a NaN
+            # gradient of the temperature; the mask below hides them)
+            logits = torch.where(res.mask, res.scores, 0.0).to(qs.dtype) * scale
+        else:  # the formulation before the lean search (kept to compare, bench/layer_cost.py)
+            res = self.memory.search(
+                F.normalize(qs.detach(), dim=-1), k=self.k, recall_target=self.recall_target
+            )
+            logits = torch.einsum("bhtd,bhtkd->bhtk", qs, res.keys.to(qs.dtype))
         mem_v = res.values.to(v.dtype)
-        logits = torch.einsum("bhtd,bhtkd->bhtk", qs, mem_k)
         logits = logits.masked_fill(~res.mask, torch.finfo(logits.dtype).min)
         weights = torch.softmax(logits, dim=-1) * res.mask
         mem = torch.einsum("bhtk,bhtkd->bhtd", weights, mem_v)
-        h = self.num_heads
         g = torch.sigmoid(self.gate).to(qs.dtype).view(1, h, 1, 1) * res.mask[..., :1]
         return g * mem + (1 - g) * local
 
