@@ -60,10 +60,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def build(a: argparse.Namespace, memory: bool) -> nn.Module:
+def build(a: argparse.Namespace, memory: bool, lean: bool = True) -> nn.Module:
+    """The model; lean=False: its memory layer uses the formulation from before the
+    lean search (all five fields returned, the logits recomputed from the keys)."""
     torch.manual_seed(0)
     where = max(a.layers - 2, 0)
-    return nn.Sequential(*(Block(a, memory and i == where) for i in range(a.layers)))
+    model = nn.Sequential(*(Block(a, memory and i == where) for i in range(a.layers)))
+    model[where].attn._lean_search = lean
+    return model
 
 
 def fill(model: nn.Module, a: argparse.Namespace) -> None:
@@ -102,6 +106,9 @@ def parts(a: argparse.Namespace) -> dict:
     new_k, new_v = F.normalize(torch.randn(b, h, t, d), dim=-1), torch.randn(b, h, t, d)
 
     def search():
+        mem.search(q, k=k, recall_target=layer.recall_target, fields=("scores", "values", "mask"))
+
+    def search_all():
         mem.search(q, k=k, recall_target=layer.recall_target)
 
     def gather():
@@ -118,7 +125,13 @@ def parts(a: argparse.Namespace) -> dict:
     def add():
         mem.add(new_k, new_v)
 
-    return {"search": search, "gather": gather, "memory attention": attention, "add": add}
+    return {
+        "search": search,
+        "search, all five fields": search_all,
+        "gather": gather,
+        "memory attention": attention,
+        "add": add,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,8 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{a.dim // a.heads}, {a.layers} layers (memory in layer {max(a.layers - 2, 0)}), "
         f"capacity {a.capacity}, k={a.k}; median of {a.reps} (forward + backward, ms)"
     )
-    models = {"with memory": build(a, True), "without memory": build(a, False)}
+    models = {
+        "with memory": build(a, True),
+        "keys returned": build(a, True, lean=False),
+        "without memory": build(a, False),
+    }
     fill(models["with memory"], a)
+    fill(models["keys returned"], a)
     where = max(a.layers - 2, 0)
     layers = {n: m[where].attn for n, m in models.items()}
     x = torch.randn(a.batch, a.segment, a.dim)
@@ -178,6 +196,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| | without memory | with memory | ratio |\n|---|---:|---:|---:|")
     for label, wo, w, ratio in rows:
         print(f"| {label} | {wo:.1f} | {w:.1f} | {ratio:.2f}x |")
+    print(
+        "\nthe same with the memory layer's formulation before the lean search (the search "
+        "returns all five fields; logits recomputed from the keys):\n"
+    )
+    print("| | without memory | keys returned | ratio | lean vs keys returned |")
+    print("|---|---:|---:|---:|---:|")
+    for what, label in (("model", "model step"), ("layer", "memory layer alone")):
+        wo, old, new = (med[(what, n)] for n in ("without memory", "keys returned", "with memory"))
+        print(f"| {label} | {wo:.1f} | {old:.1f} | {old / wo:.2f}x | {old / new:.2f}x |")
     extra = med[("layer", "with memory")] - med[("layer", "without memory")]
     print(f"\nwhere the memory layer's extra {extra:.1f} ms go:\n")
     print("| part | ms | share |\n|---|---:|---:|")
@@ -186,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
         v = med[("part", name)]
         accounted += v
         print(f"| {name} | {v:.1f} | {v / extra:.0%} |")
+    v = med[("part", "search, all five fields")]
+    label = "(reference: the search returning all five fields, not a part)"
+    print(f"| {label} | {v:.1f} | {v / extra:.0%} |")
     g = med[("part", "gather")]
     label = "(reference: the same gather by torch.gather alone, not a part)"
     print(f"| {label} | {g:.1f} | {g / extra:.0%} |")
