@@ -8,8 +8,9 @@
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
 // lane, load_slots, store_slots, select_slots; load_f16 (W halves -> floats); for bfloat16 keys
-// widen_bf16 (W words -> even and
-// odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
+// widen_even and widen_odd (W words -> their
+// even or odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise
+// dot).
 #pragma once
 
 #include <cstdint>
@@ -159,18 +160,25 @@ struct Scan {
             for (int c = 0; c < C; ++c) acc[r][c] = V::dot_bf16(acc[r][c], qv, kv[c]);
           }
         }
-      } else {  // widen both halves to float32, two FMAs (query kept in float32)
+      } else {
+        // Widened to float32 one half at a time: the even dims of the C vectors,
+        // their FMAs with every query, then the odd dims -- C widened vectors
+        // live at once (not 2C), so the tile has as many queries as float32's
+        // and each widening serves R queries. Every accumulator still takes
+        // dim 2i before 2i+1 (queries kept in float32).
         const float* qp = a.queries + q0 * a.q_stride;
         for (int64_t i = 0; i < rows; ++i) {
-          F even[C], odd[C];
+          F kv[C];
           for (int c = 0; c < C; ++c) prefetch_ahead<R>(kp[c] + i * kPanel, ahead);
-          for (int c = 0; c < C; ++c) V::widen_bf16(kp[c] + i * kPanel, even[c], odd[c]);
+          for (int c = 0; c < C; ++c) kv[c] = V::widen_even(kp[c] + i * kPanel);
           for (int r = 0; r < R; ++r) {
             const F qe = V::set1(qp[r * a.q_stride + 2 * i]);
+            for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qe, kv[c], acc[r][c]);
+          }
+          for (int c = 0; c < C; ++c) kv[c] = V::widen_odd(kp[c] + i * kPanel);
+          for (int r = 0; r < R; ++r) {
             const F qo = V::set1(qp[r * a.q_stride + 2 * i + 1]);
-            for (int c = 0; c < C; ++c) {
-              acc[r][c] = V::fma(qo, odd[c], V::fma(qe, even[c], acc[r][c]));
-            }
+            for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qo, kv[c], acc[r][c]);
           }
         }
       }

@@ -59,11 +59,12 @@ struct VAvx512 {
   static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static I shl6(I a) { return _mm512_slli_epi32(a, 6); }
   static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
-  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
-    const __m512i w = _mm512_loadu_si512(k);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-    odd =
-        _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  static F widen_even(const uint32_t* k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(k), 16));
+  }
+  static F widen_odd(const uint32_t* k) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_loadu_si512(k), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
 

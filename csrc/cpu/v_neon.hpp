@@ -100,10 +100,11 @@ struct VNeon {
   static I isub(I a, I b) { return vsubq_s32(a, b); }
   static I shl6(I a) { return vshlq_n_s32(a, 6); }
   static F to_float(I a) { return vcvtq_f32_s32(a); }
-  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
-    const uint32x4_t w = vld1q_u32(k);
-    even = vreinterpretq_f32_u32(vshlq_n_u32(w, 16));
-    odd = vreinterpretq_f32_u32(vandq_u32(w, vdupq_n_u32(0xFFFF0000u)));
+  static F widen_even(const uint32_t* k) {
+    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(k), 16));
+  }
+  static F widen_odd(const uint32_t* k) {
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32(k), vdupq_n_u32(0xFFFF0000u)));
   }
 };
 
