@@ -63,9 +63,14 @@ struct VAvx2 {
   }
   static I set1_word(uint32_t w) { return _mm256_set1_epi32(static_cast<int>(w)); }
   // u8 x s8 pairs to int16 (no saturation: u < 128, |k| <= 127), then pairs to int32.
+  // The empty asm keeps each sum's three instructions together: without it
+  // GCC issues all of a tile's vpmaddubsw first, needs a register for each
+  // product and spills accumulators (measured: int8 scans ~15% slower).
   static I dot_u8s8(I acc, I q, I k) {
     const __m256i pairs = _mm256_maddubs_epi16(q, k);
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    __m256i sum = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    __asm__("" : "+x"(sum));
+    return sum;
   }
   static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
   static I shl6(I a) { return _mm256_slli_epi32(a, 6); }
@@ -74,10 +79,11 @@ struct VAvx2 {
     return _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)), 16));
   }
+  // Two shifts rather than an AND: no mask constant to hold in a register (a
+  // 6 x 2 tile leaves one free).
   static F widen_odd(const uint32_t* k) {
-    return _mm256_castsi256_ps(
-        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)),
-                         _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)), 16), 16));
   }
 };
 
