@@ -4,7 +4,8 @@
 //
 // V provides: W (lanes), F (float vector), I (int32 vector), M (lane mask),
 // kMaskedStores (masked stores are cheap: the bins keep only improving lanes),
-// zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
+// zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min,
+// floor(v, lo) = v > lo ? v : lo (lo where v is NaN), gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
 // lane, load_slots, store_slots, select_slots; load_f16 (W halves -> floats); for bfloat16 keys
@@ -210,9 +211,15 @@ struct Scan {
       const uint32_t* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * step, rows);
       const uint32_t* qw = a.query_words + q0 * rows;
+      // sum (u - 64) k8 = sum u k8 - 64 sum k8: the sums start at -64 sum k8
+      // (the same integers as subtracting it at the end, one op less per score).
       typename V::I sums[R][C];
-      for (int r = 0; r < R; ++r) {
-        for (int c = 0; c < C; ++c) sums[r][c] = V::izero();
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        const auto offset = V::shl6(V::load_slots(a.key_sum + (s + c * step - a.begin)));
+        const auto start = V::isub(V::izero(), offset);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) sums[r][c] = start;
       }
       for (int64_t i = 0; i < rows; ++i) {
         typename V::I kv[C];
@@ -223,19 +230,16 @@ struct Scan {
           for (int c = 0; c < C; ++c) sums[r][c] = V::dot_u8s8(sums[r][c], qv, kv[c]);
         }
       }
-      // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales. These two
-      // loops must unroll completely: left as loops, GCC keeps `sums` in
-      // memory and stores every accumulator on each step of the loop above
-      // (measured: 1.7x slower int8 scans on AVX512_VNNI).
+      // Then both scales. The loops over sums must unroll completely: left as
+      // loops, GCC keeps `sums` in memory and stores every accumulator on each
+      // step of the loop above (measured: 1.7x slower int8 scans on AVX512_VNNI).
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
-        const int64_t at = s + c * step - a.begin;
-        const auto offset = V::shl6(V::load_slots(a.key_sum + at));
-        const F key_scale = V::load(a.key_scale + at);
+        const F key_scale = V::load(a.key_scale + (s + c * step - a.begin));
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const F scale = V::mul(key_scale, V::set1(a.query_scale[q0 + r]));
-          acc[r][c] = V::mul(V::to_float(V::isub(sums[r][c], offset)), scale);
+          acc[r][c] = V::mul(V::to_float(sums[r][c]), scale);
         }
       }
     }
@@ -293,7 +297,7 @@ struct Scan {
         // product or distance overflows, or a NaN written into a caller's ring)
         // ranks as the lowest finite score, so it is still found: -inf is left
         // for dead slots and empty bins. (gt is false for NaN.)
-        v = V::select(V::gt(v, lowest), v, lowest);
+        v = V::floor(v, lowest);
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
         if constexpr (kStrided) {
           if (c == 0) {

@@ -33,6 +33,7 @@ struct V {
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F min(F a, F b) { return b < a ? b : a; }
+  static F floor(F v, F lo) { return v > lo ? v : lo; }
   static M gt(F a, F b) { return a > b; }
   static M from_bits(uint32_t bits) {
     const I lane_bit = {1, 2, 4, 8};

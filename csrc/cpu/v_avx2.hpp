@@ -31,6 +31,8 @@ struct VAvx2 {
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  // vmaxps returns its second operand where either is NaN.
+  static F floor(F v, F lo) { return _mm256_max_ps(v, lo); }
   static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M from_bits(uint32_t bits) {
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);

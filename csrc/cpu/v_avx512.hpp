@@ -33,6 +33,8 @@ struct VAvx512 {
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  // vmaxps returns its second operand where either is NaN.
+  static F floor(F v, F lo) { return _mm512_max_ps(v, lo); }
   static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M from_bits(uint32_t bits) { return static_cast<M>(bits); }
   static uint32_t bits(M m) { return static_cast<uint32_t>(m); }

@@ -34,6 +34,7 @@ struct VNeon {
   static F add(F a, F b) { return vaddq_f32(a, b); }
   static F sub(F a, F b) { return vsubq_f32(a, b); }
   static F min(F a, F b) { return vminq_f32(a, b); }
+  static F floor(F v, F lo) { return vbslq_f32(vcgtq_f32(v, lo), v, lo); }
   static M gt(F a, F b) { return vcgtq_f32(a, b); }
   static M from_bits(uint32_t bits) {
     const uint32_t lane_bit[4] = {1, 2, 4, 8};
