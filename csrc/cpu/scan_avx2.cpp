@@ -21,7 +21,7 @@ struct V : VAvx2 {};
 
 namespace knnmem::cpu {
 
-void scan_avx2(const ScanArgs& args) { scan_any_format<V, 6, 2, 6, 2, 5, 2>(args); }
+void scan_avx2(const ScanArgs& args) { scan_any_format<V, 4, 3, 6, 2, 5, 2>(args); }
 
 uint32_t kth_key_avx2(const uint32_t* key, int64_t n, int64_t want, uint32_t lo, uint32_t hi) {
   return select_kth_key(key, n, want, lo, hi);
