@@ -211,15 +211,9 @@ struct Scan {
       const uint32_t* kp[C];
       for (int c = 0; c < C; ++c) kp[c] = panel_at<uint32_t>(s + c * step, rows);
       const uint32_t* qw = a.query_words + q0 * rows;
-      // sum (u - 64) k8 = sum u k8 - 64 sum k8: the sums start at -64 sum k8
-      // (the same integers as subtracting it at the end, one op less per score).
       typename V::I sums[R][C];
-#pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) {
-        const auto offset = V::shl6(V::load_slots(a.key_sum + (s + c * step - a.begin)));
-        const auto start = V::isub(V::izero(), offset);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) sums[r][c] = start;
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < C; ++c) sums[r][c] = V::izero();
       }
       for (int64_t i = 0; i < rows; ++i) {
         typename V::I kv[C];
@@ -230,16 +224,20 @@ struct Scan {
           for (int c = 0; c < C; ++c) sums[r][c] = V::dot_u8s8(sums[r][c], qv, kv[c]);
         }
       }
-      // Then both scales. The loops over sums must unroll completely: left as
-      // loops, GCC keeps `sums` in memory and stores every accumulator on each
-      // step of the loop above (measured: 1.7x slower int8 scans on AVX512_VNNI).
+      // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales. These two
+      // loops must unroll completely: left as loops, GCC keeps `sums` in
+      // memory and stores every accumulator on each step of the loop above
+      // (measured: 1.7x slower int8 scans on AVX512_VNNI). Starting the sums
+      // at -64 sum k8 instead does the same to GCC 12 (measured: 1.7x slower).
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
-        const F key_scale = V::load(a.key_scale + (s + c * step - a.begin));
+        const int64_t at = s + c * step - a.begin;
+        const auto offset = V::shl6(V::load_slots(a.key_sum + at));
+        const F key_scale = V::load(a.key_scale + at);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const F scale = V::mul(key_scale, V::set1(a.query_scale[q0 + r]));
-          acc[r][c] = V::mul(V::to_float(sums[r][c]), scale);
+          acc[r][c] = V::mul(V::to_float(V::isub(sums[r][c], offset)), scale);
         }
       }
     }
