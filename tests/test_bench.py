@@ -139,6 +139,11 @@ def test_table_has_a_row_per_method_and_workload(tiny_run) -> None:
         assert re.fullmatch(r"\d+\.\d% (flops|bw)", cells[4])
     assert rows[("M1", "numpy exact")][3] == "1.00x"
     assert "--tiny: shrunk workloads" in stdout
+    # The kernel that ran and the sgemm rate of "% limit" stand right above the table.
+    lines = stdout.splitlines()
+    caption = lines[next(i for i, line in enumerate(lines) if line.startswith("workload")) - 1]
+    kernel, sgemm = report["machine"]["knnmem_kernel"], report["sgemm_gflops"]
+    assert caption.startswith(f"knnmem kernel {kernel}; % limit against numpy sgemm {sgemm:.1f} ")
 
 
 def test_missing_peer_and_matplotlib_are_notes(tiny_run) -> None:

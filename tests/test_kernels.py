@@ -73,7 +73,7 @@ def test_unknown_or_unsupported_kernel(kernel) -> None:
         ValueError, match=r"^kernel: expected one of 'avx512_vnni_bf16', 'avx512', "
     ):
         _core.set_kernel("sse9")
-    for name in {"avx512_vnni_bf16", "avx512", "avx2"} - set(VARIANTS):
+    for name in {"avx512_vnni_bf16", "avx512", "avx_vnni", "avx2"} - set(VARIANTS):
         with pytest.raises(ValueError, match=r"^kernel: '.*' is not (supported|built)"):
             _core.set_kernel(name)
 

@@ -11,6 +11,10 @@
 #include "core/select.hpp"
 #include "cpu/kernels.hpp"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #if defined(KNNMEM_NEON_KERNELS) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -24,6 +28,7 @@ const Kernel kKernels[] = {
 #ifdef KNNMEM_X86_KERNELS
     {"avx512_vnni_bf16", scan_avx512dl, kth_key_avx512, rank_avx512, pack_keys_avx512},
     {"avx512", scan_avx512, kth_key_avx512, rank_avx512, pack_keys_avx512},
+    {"avx_vnni", scan_avx_vnni, kth_key_avx2, rank_avx2, pack_keys_avx2},
     {"avx2", scan_avx2, kth_key_avx2, rank_avx2, pack_keys_avx2},
 #endif
 #ifdef KNNMEM_NEON_KERNELS
@@ -33,6 +38,17 @@ const Kernel kKernels[] = {
     {"portable", scan_portable, kth_key_portable, rank_portable, pack_keys_portable},
 };
 
+#if defined(__x86_64__) || defined(__i386__)
+// AVX-VNNI: CPUID leaf 7, sub-leaf 1, EAX bit 4 (the YMM state the OS must
+// save is checked with avx2 by __builtin_cpu_supports).
+bool has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  return (eax & (1u << 4)) != 0;
+}
+#endif
+
 bool cpu_supports(const std::string& name) {
 #if defined(__x86_64__) || defined(__i386__)
   if (name == "avx512" || name == "avx512_vnni_bf16") {
@@ -41,9 +57,9 @@ bool cpu_supports(const std::string& name) {
            (name == "avx512" ||
             (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")));
   }
-  if (name == "avx2") {
+  if (name == "avx2" || name == "avx_vnni") {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("f16c") && (name == "avx2" || has_avx_vnni());
   }
 #endif
 #ifdef KNNMEM_NEON_KERNELS
@@ -60,11 +76,11 @@ bool cpu_supports(const std::string& name) {
 }
 
 const Kernel* find(const std::string& name) {
-  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx2" && name != "neon_dotprod" &&
-      name != "neon" && name != "portable") {
+  if (name != "avx512_vnni_bf16" && name != "avx512" && name != "avx_vnni" && name != "avx2" &&
+      name != "neon_dotprod" && name != "neon" && name != "portable") {
     throw InvalidArgument(
-        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx2', 'neon_dotprod', 'neon', "
-        "'portable' (or '' for automatic), got '" +
+        "kernel: expected one of 'avx512_vnni_bf16', 'avx512', 'avx_vnni', 'avx2', 'neon_dotprod', "
+        "'neon', 'portable' (or '' for automatic), got '" +
         name + "'");
   }
   for (const Kernel& k : kKernels) {

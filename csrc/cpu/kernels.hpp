@@ -8,8 +8,10 @@
 // running max and slot (strided bins: slot s -> bin s mod L), or a thresholded
 // candidate buffer for exact top-k. No score matrix exists beyond registers.
 //
-// Variants (portable, avx2, avx512, avx512_vnni_bf16 -- the last differs only
-// in scoring bfloat16 keys with vdpbf16ps and int8 keys with vpdpbusd) are
+// Variants (portable, avx2, avx_vnni, avx512, avx512_vnni_bf16 -- avx_vnni
+// differs from avx2 only in scoring int8 keys with vpdpbusd, avx512_vnni_bf16
+// from avx512 in scoring bfloat16 keys with vdpbf16ps and int8 keys with
+// vpdpbusd) are
 // separate translation units compiled
 // with their own ISA flags and chosen at run time from CPU features, or forced
 // with KNNMEM_KERNEL=<name> / set_kernel(). Those units use no standard-library
@@ -120,12 +122,13 @@ float squared_norm(const float* x, int64_t dim);
 // Entry points of the variants (defined in scan_<name>.cpp).
 void scan_portable(const ScanArgs& args);
 void scan_avx2(const ScanArgs& args);
+void scan_avx_vnni(const ScanArgs& args);  // avx2 + AVX-VNNI (int8 keys by vpdpbusd)
 void scan_avx512(const ScanArgs& args);
 void scan_avx512dl(const ScanArgs& args);      // avx512 + AVX512_BF16 and AVX512_VNNI
 void scan_neon(const ScanArgs& args);          // aarch64 Advanced SIMD
 void scan_neon_dotprod(const ScanArgs& args);  // + the dot-product extension (sdot)
-// Their selection loops (cpu/select_impl.hpp); the avx512_vnni_bf16 and
-// neon_dotprod variants use those of avx512 and neon.
+// Their selection loops (cpu/select_impl.hpp); the avx512_vnni_bf16, avx_vnni
+// and neon_dotprod variants use those of avx512, avx2 and neon.
 uint32_t kth_key_portable(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
 uint32_t kth_key_avx2(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);
 uint32_t kth_key_avx512(const uint32_t*, int64_t, int64_t, uint32_t, uint32_t);

@@ -4,12 +4,14 @@
 //
 // V provides: W (lanes), F (float vector), I (int32 vector), M (lane mask),
 // kMaskedStores (masked stores are cheap: the bins keep only improving lanes),
-// zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min, gt,
+// zero, load, store, set1, fma(a, b, c) = a * b + c, mul, add, sub, min,
+// floor(v, lo) = v > lo ? v : lo (lo where v is NaN), gt,
 // from_bits, bits, mask_and, select(m, a, b) = m ? a : b, mask_load (lanes off
 // the mask read nothing), mask_store, mask_store_slots, slots(first) = first +
 // lane, load_slots, store_slots, select_slots; load_f16 (W halves -> floats); for bfloat16 keys
-// widen_bf16 (W words -> even and
-// odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise dot).
+// widen_even and widen_odd (W words -> their
+// even or odd dims as floats), or, where kNativeBF16, load_words, set1_word and dot_bf16 (pairwise
+// dot).
 #pragma once
 
 #include <cstdint>
@@ -46,6 +48,20 @@ struct Scan {
     return bits;
   }
 
+  // The W bins from best / slot take the lanes of v (slots `slots`) that beat them.
+  static void store_improved(float* best, int32_t* slot, F v, typename V::I slots) {
+    if constexpr (V::kMaskedStores) {  // store only the lanes that improve
+      const auto take = V::gt(v, V::load(best));
+      V::mask_store(best, take, v);
+      V::mask_store_slots(slot, take, slots);
+    } else {  // blend and store
+      const F old = V::load(best);
+      const auto take = V::gt(v, old);
+      V::store(best, V::select(take, v, old));
+      V::store_slots(slot, V::select_slots(take, slots, V::load_slots(slot)));
+    }
+  }
+
   // Folds the scores v of slots s.. (first bin b = s mod L) into query q's bins.
   // `slots` holds s, s+1, .. s+W-1.
   void reduce_bins(int64_t q, F v, int64_t s, int64_t b, typename V::I slots) const {
@@ -64,17 +80,8 @@ struct Scan {
       }
       return;
     }
-    if (b + W <= L) {                    // bins b .. b+W-1: whole vectors
-      if constexpr (V::kMaskedStores) {  // store only the lanes that improve
-        const auto take = V::gt(v, V::load(best + b));
-        V::mask_store(best + b, take, v);
-        V::mask_store_slots(slot + b, take, slots);
-      } else {  // blend and store
-        const F old = V::load(best + b);
-        const auto take = V::gt(v, old);
-        V::store(best + b, V::select(take, v, old));
-        V::store_slots(slot + b, V::select_slots(take, slots, V::load_slots(slot + b)));
-      }
+    if (b + W <= L) {  // bins b .. b+W-1: whole vectors
+      store_improved(best + b, slot + b, v, slots);
       return;
     }
     // The run of bins wraps: lanes [0, L-b) go to bins b.., the rest to 0..
@@ -159,18 +166,25 @@ struct Scan {
             for (int c = 0; c < C; ++c) acc[r][c] = V::dot_bf16(acc[r][c], qv, kv[c]);
           }
         }
-      } else {  // widen both halves to float32, two FMAs (query kept in float32)
+      } else {
+        // Widened to float32 one half at a time: the even dims of the C vectors,
+        // their FMAs with every query, then the odd dims -- C widened vectors
+        // live at once (not 2C), so the tile has as many queries as float32's
+        // and each widening serves R queries. Every accumulator still takes
+        // dim 2i before 2i+1 (queries kept in float32).
         const float* qp = a.queries + q0 * a.q_stride;
         for (int64_t i = 0; i < rows; ++i) {
-          F even[C], odd[C];
+          F kv[C];
           for (int c = 0; c < C; ++c) prefetch_ahead<R>(kp[c] + i * kPanel, ahead);
-          for (int c = 0; c < C; ++c) V::widen_bf16(kp[c] + i * kPanel, even[c], odd[c]);
+          for (int c = 0; c < C; ++c) kv[c] = V::widen_even(kp[c] + i * kPanel);
           for (int r = 0; r < R; ++r) {
             const F qe = V::set1(qp[r * a.q_stride + 2 * i]);
+            for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qe, kv[c], acc[r][c]);
+          }
+          for (int c = 0; c < C; ++c) kv[c] = V::widen_odd(kp[c] + i * kPanel);
+          for (int r = 0; r < R; ++r) {
             const F qo = V::set1(qp[r * a.q_stride + 2 * i + 1]);
-            for (int c = 0; c < C; ++c) {
-              acc[r][c] = V::fma(qo, odd[c], V::fma(qe, even[c], acc[r][c]));
-            }
+            for (int c = 0; c < C; ++c) acc[r][c] = V::fma(qo, kv[c], acc[r][c]);
           }
         }
       }
@@ -213,7 +227,8 @@ struct Scan {
       // sum (u - 64) k8 = sum u k8 - 64 sum k8; then both scales. These two
       // loops must unroll completely: left as loops, GCC keeps `sums` in
       // memory and stores every accumulator on each step of the loop above
-      // (measured: 1.7x slower int8 scans on AVX512_VNNI).
+      // (measured: 1.7x slower int8 scans on AVX512_VNNI). Starting the sums
+      // at -64 sum k8 instead does the same to GCC 12 (measured: 1.7x slower).
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c) {
         const int64_t at = s + c * step - a.begin;
@@ -247,22 +262,32 @@ struct Scan {
     accumulate<KF, R, C>(q0, s, step, ahead_panels * a.key_words * kPanel * 4, acc);
     F best[R];
     typename V::I best_slots[R];
+    // Fields of `a` in locals: the stores into the bins and buffers could
+    // alias them (int32 slots vs. the metric), and reloading them after each
+    // store showed in profiles. The loops over the tile unroll completely, so
+    // that acc stays in registers (left as loops, GCC stores the tile to the
+    // stack and indexes it: ~14% of an avx2 float32 scan went to this epilogue).
+    const Metric metric = a.metric;
+    const float* key_aux = a.key_aux;
+    const int64_t begin = a.begin;
+    const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
+    const F lowest = V::set1(std::numeric_limits<float>::lowest());
+#pragma GCC unroll 16
     for (int c = 0; c < C; ++c) {
       const int64_t sc = s + c * step;
       if (!kStrided && sc >= a.end) break;
       const uint32_t live = live_lanes(sc);
       const auto live_mask = V::from_bits(live);
-      const F neg_inf = V::set1(-std::numeric_limits<float>::infinity());
-      const F lowest = V::set1(std::numeric_limits<float>::lowest());
       F aux = V::zero();
-      if (a.metric != Metric::kInnerProduct) aux = V::load(a.key_aux + (sc - a.begin));
+      if (metric != Metric::kInnerProduct) aux = V::load(key_aux + (sc - begin));
       if (!kStrided && c > 0) bin = next_bin(bin, W);
       const auto slots = V::slots(static_cast<int32_t>(sc));
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         F v = acc[r][c];
-        if (a.metric == Metric::kCosine) {
+        if (metric == Metric::kCosine) {
           v = V::mul(v, aux);
-        } else if (a.metric == Metric::kL2) {  // -|q-k|^2 = min(0, 2<q,k> - |q|^2 - |k|^2)
+        } else if (metric == Metric::kL2) {  // -|q-k|^2 = min(0, 2<q,k> - |q|^2 - |k|^2)
           const F norms = V::add(V::set1(a.query_sq[q0 + r]), aux);
           v = V::min(V::zero(), V::sub(V::add(v, v), norms));
         }
@@ -270,7 +295,7 @@ struct Scan {
         // product or distance overflows, or a NaN written into a caller's ring)
         // ranks as the lowest finite score, so it is still found: -inf is left
         // for dead slots and empty bins. (gt is false for NaN.)
-        v = V::select(V::gt(v, lowest), v, lowest);
+        v = V::floor(v, lowest);
         if (live != kAll) v = V::select(live_mask, v, neg_inf);
         if constexpr (kStrided) {
           if (c == 0) {
@@ -288,8 +313,13 @@ struct Scan {
         }
       }
     }
-    if constexpr (kStrided) {
-      for (int r = 0; r < R; ++r) reduce_bins(q0 + r, best[r], s, bin, best_slots[r]);
+    if constexpr (kStrided) {  // bins bin .. bin + W - 1 of each query: whole vectors
+      const int64_t L = a.num_bins;
+      float* bin_best = a.bin_best + q0 * L + bin;
+      int32_t* bin_slot = a.bin_slot + q0 * L + bin;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        store_improved(bin_best + r * L, bin_slot + r * L, best[r], best_slots[r]);
     }
   }
 

@@ -33,6 +33,7 @@ struct V {
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F min(F a, F b) { return b < a ? b : a; }
+  static F floor(F v, F lo) { return v > lo ? v : lo; }
   static M gt(F a, F b) { return a > b; }
   static M from_bits(uint32_t bits) {
     const I lane_bit = {1, 2, 4, 8};
@@ -82,14 +83,17 @@ struct V {
   static I isub(I a, I b) { return a - b; }
   static I shl6(I a) { return a << 6; }
   static F to_float(I a) { return __builtin_convertvector(a, F); }
-  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
+  static F widen_half(const uint32_t* k, bool odd) {
     typedef uint32_t U __attribute__((vector_size(16)));
     U w;
     std::memcpy(&w, k, sizeof(w));
-    const U lo = w << 16, hi = w & 0xFFFF0000u;
-    std::memcpy(&even, &lo, sizeof(even));
-    std::memcpy(&odd, &hi, sizeof(odd));
+    const U h = odd ? (w & 0xFFFF0000u) : (w << 16);
+    F f;
+    std::memcpy(&f, &h, sizeof(f));
+    return f;
   }
+  static F widen_even(const uint32_t* k) { return widen_half(k, false); }
+  static F widen_odd(const uint32_t* k) { return widen_half(k, true); }
   static void mask_store_slots(int32_t* p, M m, I a) {
     for (int l = 0; l < W; ++l) {
       if (m[l]) p[l] = a[l];

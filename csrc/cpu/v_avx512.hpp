@@ -33,6 +33,8 @@ struct VAvx512 {
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  // vmaxps returns its second operand where either is NaN.
+  static F floor(F v, F lo) { return _mm512_max_ps(v, lo); }
   static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M from_bits(uint32_t bits) { return static_cast<M>(bits); }
   static uint32_t bits(M m) { return static_cast<uint32_t>(m); }
@@ -59,11 +61,12 @@ struct VAvx512 {
   static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static I shl6(I a) { return _mm512_slli_epi32(a, 6); }
   static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
-  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
-    const __m512i w = _mm512_loadu_si512(k);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-    odd =
-        _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  static F widen_even(const uint32_t* k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(k), 16));
+  }
+  static F widen_odd(const uint32_t* k) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_loadu_si512(k), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
 

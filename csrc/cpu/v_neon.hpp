@@ -34,6 +34,7 @@ struct VNeon {
   static F add(F a, F b) { return vaddq_f32(a, b); }
   static F sub(F a, F b) { return vsubq_f32(a, b); }
   static F min(F a, F b) { return vminq_f32(a, b); }
+  static F floor(F v, F lo) { return vbslq_f32(vcgtq_f32(v, lo), v, lo); }
   static M gt(F a, F b) { return vcgtq_f32(a, b); }
   static M from_bits(uint32_t bits) {
     const uint32_t lane_bit[4] = {1, 2, 4, 8};
@@ -100,10 +101,11 @@ struct VNeon {
   static I isub(I a, I b) { return vsubq_s32(a, b); }
   static I shl6(I a) { return vshlq_n_s32(a, 6); }
   static F to_float(I a) { return vcvtq_f32_s32(a); }
-  static void widen_bf16(const uint32_t* k, F& even, F& odd) {
-    const uint32x4_t w = vld1q_u32(k);
-    even = vreinterpretq_f32_u32(vshlq_n_u32(w, 16));
-    odd = vreinterpretq_f32_u32(vandq_u32(w, vdupq_n_u32(0xFFFF0000u)));
+  static F widen_even(const uint32_t* k) {
+    return vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(k), 16));
+  }
+  static F widen_odd(const uint32_t* k) {
+    return vreinterpretq_f32_u32(vandq_u32(vld1q_u32(k), vdupq_n_u32(0xFFFF0000u)));
   }
 };
 

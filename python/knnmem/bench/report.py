@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from typing import Any
+
+import knnmem
 
 from . import plot
 from .harness import Results, Row, add_note
@@ -156,6 +159,17 @@ TINY_WARNING = (
 )
 
 
+def table_caption(rates: Rates) -> str:
+    """The line above each table: the kernel that ran and the sgemm rate of "% limit"."""
+    kernel = getattr(knnmem._core, "get_kernel", lambda: "?")()
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    blas = f", OPENBLAS_CORETYPE={core}" if core else ""
+    return (
+        f"knnmem kernel {kernel}; % limit against numpy sgemm "
+        f"{max(rates.sgemm_gflops):.1f} GFLOP/s{blas}"
+    )
+
+
 def print_report(res: Results, steps: int, tiny: bool = False) -> None:
     print()
     if tiny:
@@ -164,12 +178,14 @@ def print_report(res: Results, steps: int, tiny: bool = False) -> None:
     print_limits(res.rows + res.scaling, res.rates)
     print()
     if res.rows:
+        print(table_caption(res.rates))
         print(format_table(res.rows))
         print(LEGEND)
         print_recall_sample(res.rows)
     if res.scaling:
         scaled = res.scaling[0]
         print(f"\nscaling (M3 shape, Q={scaled.queries_per_step}):")
+        print(table_caption(res.rates))
         print(format_scaling(res.scaling))
         print(scaling_growth(res.scaling))
     print(f"\n{steps} timed steps per method, median ms/step; recall mean over steps.")
