@@ -810,7 +810,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("dtype") = "float32");
   m.def("set_num_threads", &knnmem::set_num_threads, py::arg("num_threads"));
   m.def("set_kernel", &knnmem::set_kernel, py::arg("name"),
-        "Force a CPU kernel variant ('avx512', 'avx2', 'portable'); '' = automatic.");
+        "Force a CPU kernel variant (a name of supported_kernels()); '' = automatic.");
   m.def("get_kernel", &knnmem::get_kernel);
   m.def("supported_kernels", &knnmem::supported_kernels);
   m.def("get_num_threads", &knnmem::get_num_threads);

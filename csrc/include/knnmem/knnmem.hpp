@@ -316,7 +316,8 @@ int64_t position_of_slot(const Placement& placement, int64_t written, int64_t sl
 void set_num_threads(int num_threads);
 int get_num_threads();
 
-// CPU kernel variant: "avx512", "avx2" or "portable". The best one the CPU
+// CPU kernel variant: "avx512_vnni_bf16", "avx512", "avx_vnni", "avx2", "neon_dotprod",
+// "neon" or "portable" (supported_kernels() lists this CPU's). The best one the CPU
 // supports is used unless KNNMEM_KERNEL names another; set_kernel("") goes
 // back to the automatic choice. Throws InvalidArgument for unknown or
 // unsupported names.

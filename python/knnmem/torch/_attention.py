@@ -413,7 +413,9 @@ class MemorizingAttention(nn.Module):
     def _with_memory(self, local: Tensor, qs: Tensor, v: Tensor) -> Tensor:
         """The gated mix of local with the attention over the memory (searched with qs)."""
         h = self.num_heads
-        if self._lean_search:
+        # (another memory object -- a ShardedKNNMemory, a user's -- is searched as before:
+        # its scores need not be differentiable, nor its search take fields)
+        if self._lean_search and isinstance(self.memory, KNNMemory):
             # The memory logits are the search's own scores of the normalised queries,
             # times the temperature: q.k is not computed twice, and the retrieved keys
             # are fetched only where the backward pass needs them (queries that
