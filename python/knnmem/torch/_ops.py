@@ -273,6 +273,9 @@ def _search_setup_context(ctx, inputs, output) -> None:
     fields = inputs[8] if len(inputs) > 8 else ALL_FIELDS
     scores, _, keys, _, mask = output
     ctx.mark_non_differentiable(*output[1:4])
+    # Only scores carry a gradient: no zero gradients are made for the other outputs
+    # (for the key and value rows of a big result, a fill of as many bytes).
+    ctx.set_materialize_grads(False)
     ctx.metric = metric
     ctx.query_dtype = queries.dtype
     ctx.has_keys = parse_fields(fields)[2]
@@ -281,6 +284,8 @@ def _search_setup_context(ctx, inputs, output) -> None:
 
 def _search_backward(ctx, grad_scores, *_):
     """d scores / d queries with the retrieved keys held constant."""
+    if grad_scores is None:  # the scores were not used (set_materialize_grads(False))
+        return (None,) * 11
     if not ctx.has_keys:
         raise RuntimeError(
             "knnmem::search: the gradient of scores needs the retrieved keys; include "
