@@ -1,7 +1,7 @@
 """Synthetic documents where a kNN memory must be used (numpy only; shared by
 examples/torch_memory.py and examples/jax_memory.py).
 
-Both tasks cut each document into segments of ``segment`` tokens. A model sees one
+The tasks cut each document into segments of ``segment`` tokens. A model sees one
 segment at a time: its local attention (and a Transformer-XL context, the previous
 segment) cannot reach the segments further back, a memory of the document can.
 
@@ -21,6 +21,13 @@ code: synthetic source files. The first segments define functions with random na
     and the earlier calls, many segments back: the memory can retrieve them, the local
     window and the previous segment hold only some. Word
     tokens over a fixed vocabulary (keywords, punctuation, names, small numbers).
+
+repeat: text that repeats a passage from far back. Random words; the last segment
+    repeats a passage of segment 0 verbatim, and is scored on it (next-word loss: the
+    baseline's is at best log(vocab), a copy's near 0). Optionally (``near``) each middle
+    segment's second half repeats a few words of its first half: copies the local
+    attention can see, which teach it (and the memory, which shares its projections)
+    to copy. Each position's partner is its previous word.
 """
 
 from __future__ import annotations
@@ -165,6 +172,49 @@ def code_sample(task: Code, seed: int = 0, words: int = 60) -> str:
     w, n_def = _code_words(task, np.random.default_rng(seed))
     text = lambda ws: " ".join(ws).replace(" \n ", "\n")  # noqa: E731
     return text(w[:words]) + "\n...\n" + text(w[n_def : n_def + words])
+
+
+# -- repeat --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Repeat:
+    segment: int = 32
+    segments: int = 5  # the last repeats a passage of the first; the others are new text
+    vocab: int = 128  # word alphabet: the baseline's loss on a repeat is about log(vocab)
+    passage: int = 32  # length of the repeated passage (at most segment)
+    near: int = 0  # >0: each middle segment's second half repeats `near` words of its first
+
+
+def repeat_batch(task: Repeat, batch: int, rng: np.random.Generator):
+    """(tokens, partners, targets), int64 [batch, segments * segment]: random words;
+    the last segment starts with a verbatim copy of ``passage`` consecutive words of
+    segment 0 (at a random offset) and continues with new words. partners is each
+    position's previous word (IGNORE at the document start): the input of a position
+    also says which word came before it, what a copy looks up. targets are the next
+    words inside the repeated passage (the words that a copy predicts), IGNORE
+    elsewhere."""
+    if not 2 <= task.passage <= task.segment:
+        raise ValueError(f"passage: expected 2 .. segment, got {task.passage}")
+    t, n = task.segment, task.segments * task.segment
+    tokens = rng.integers(0, task.vocab, (batch, n))
+    targets = np.full((batch, n), IGNORE, np.int64)
+    start = n - t  # the repeat opens the last segment
+    half = t // 2
+    if task.near and not 2 <= task.near <= half:
+        raise ValueError(f"near: expected 0 or 2 .. segment / 2, got {task.near}")
+    for b in range(batch):
+        for s in range(1, task.segments - 1) if task.near else ():
+            src = s * t + int(rng.integers(0, half - task.near + 1))
+            dst = s * t + half + int(rng.integers(0, t - half - task.near + 1))
+            tokens[b, dst : dst + task.near] = tokens[b, src : src + task.near]
+            targets[b, dst : dst + task.near - 1] = tokens[b, dst + 1 : dst + task.near]
+        src = int(rng.integers(0, t - task.passage + 1))
+        tokens[b, start : start + task.passage] = tokens[b, src : src + task.passage]
+        targets[b, start : start + task.passage - 1] = tokens[b, start + 1 : start + task.passage]
+    partners = np.full((batch, n), IGNORE, np.int64)
+    partners[:, 1:] = tokens[:, :-1]
+    return tokens.astype(np.int64), partners, targets
 
 
 # -- plots (optional) -------------------------------------------------------------------------

@@ -54,6 +54,42 @@ def test_torch_recall_memory_beats_baseline(tmp_path) -> None:
     assert mem > 0.45 and mem > base + 0.3, (mem, base)
 
 
+def test_repeat_data_repeats_an_early_passage() -> None:
+    tasks = load("memory_tasks")
+    task = tasks.Repeat(segment=32, segments=4, vocab=64, passage=32, near=12)
+    tokens, partners, targets = tasks.repeat_batch(task, 4, np.random.default_rng(0))
+    for b in range(4):
+        last = tokens[b, 96:]
+        # the last segment repeats segment 0, out of reach of its XL context
+        assert (tokens[b, :32] == last).all() and not (tokens[b, 64:96] == last).all()
+        assert (partners[b, 1:] == tokens[b, :-1]).all() and partners[b, 0] == -1
+        scored = np.flatnonzero(targets[b] >= 0)
+        far = scored[scored >= 96]
+        assert list(far) == list(range(96, 127))  # the repeat, less its last word
+        assert (targets[b, far] == tokens[b, far + 1]).all()
+        for s in (1, 2):  # a nearby repeat of 12 words in each middle segment
+            near = scored[(scored >= 32 * s) & (scored < 32 * s + 32)]
+            assert len(near) == 11 and near[0] >= 32 * s + 16
+            assert (targets[b, near] == tokens[b, near + 1]).all()
+        assert not (targets[b, :32] >= 0).any()
+
+
+def test_torch_repeat_memory_beats_baseline() -> None:
+    """The far repeat is only in the memory: the memory model's loss there well below
+    the baseline's and below a uniform guess (measured, seeds 0/1/2, 300 steps: memory
+    2.66/2.69/2.64 nats/word, baseline 4.61/4.53/4.18, uniform 4.16)."""
+    pytest.importorskip("torch")
+    ex = load("torch_memory")
+    cfg = ex.Config(
+        task="repeat", steps=300, eval_every=300, threads=1, batch=16, eval_batch=32, **ex.REPEAT
+    )
+    mem = ex.train(cfg, log=None)["final"]["loss"]
+    base = ex.train(ex.dataclasses.replace(cfg, memory=False), log=None)["final"]["loss"]
+    uniform = np.log(cfg.vocab)
+    assert base > uniform - 0.2  # nothing in reach says what comes next
+    assert mem < uniform - 1.0 and mem < base - 1.0, (mem, base)
+
+
 def test_jax_recall_memory_beats_baseline() -> None:
     pytest.importorskip("jax")
     ex = load("jax_memory")
