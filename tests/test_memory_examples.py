@@ -90,6 +90,19 @@ def test_torch_repeat_memory_beats_baseline() -> None:
     assert mem < uniform - 1.0 and mem < base - 1.0, (mem, base)
 
 
+def test_jax_repeat_memory_beats_baseline() -> None:
+    """As the torch test (lr 3e-3; measured, seeds 0/1/2, 300 steps: memory
+    2.67/2.75/2.70 nats/word, baseline 4.57/4.55/4.53, uniform 4.16)."""
+    pytest.importorskip("jax")
+    ex = load("jax_memory")
+    cfg = ex.Config(task="repeat", steps=300, eval_every=300, batch=16, eval_batch=32, **ex.REPEAT)
+    mem = ex.train(cfg, log=None)["final"]["loss"]
+    base = ex.train(ex.dataclasses.replace(cfg, memory=False), log=None)["final"]["loss"]
+    uniform = np.log(cfg.vocab)
+    assert base > uniform - 0.2
+    assert mem < uniform - 1.0 and mem < base - 1.0, (mem, base)
+
+
 def test_jax_recall_memory_beats_baseline() -> None:
     pytest.importorskip("jax")
     ex = load("jax_memory")
