@@ -222,14 +222,21 @@ class ValuePrefetch {
   int64_t per_query_ = 0;
 };
 
+// The result's key and value rows (either may be absent), set up once per batch of hits.
+struct ResultRows {
+  RowOut keys, values;
+  explicit ResultRows(const Plan& p) : keys(key_rows(p)), values(value_rows(p)) {}
+};
+
 // The stored key and the value of a hit into result row o.
-void copy_hit(const Plan& p, int64_t g, int64_t slot, int64_t o, float* scratch) {
+void copy_hit(const Plan& p, const ResultRows& rows, int64_t g, int64_t slot, int64_t o,
+              float* scratch) {
   const MemoryView& m = *p.m;
-  if (const RowOut keys = key_rows(p); keys && !stream_panel_key(p, g, slot, keys.at(o))) {
-    keys.put(o, key_row(m, g, slot, scratch), p.stream);
+  if (rows.keys && !stream_panel_key(p, g, slot, rows.keys.at(o))) {
+    rows.keys.put(o, key_row(m, g, slot, scratch), p.stream);
   }
-  if (const RowOut values = value_rows(p)) {
-    values.put(o, m.values + (m.cell(g) * m.capacity + slot) * m.value_stride, p.stream);
+  if (rows.values) {
+    rows.values.put(o, m.values + (m.cell(g) * m.capacity + slot) * m.value_stride, p.stream);
   }
 }
 
@@ -244,7 +251,7 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
   const int64_t written = m.written[g];
   const int64_t o = (g * p.num_queries + q) * k;
   const SearchOutput& out = *p.out;
-  const RowOut keys = key_rows(p), values = value_rows(p);
+  const ResultRows rows(p);
   for (int64_t j = 0; j < k; ++j) {
     const bool hit = j < found;
     const int32_t slot = hit ? best[j].slot : -1;
@@ -253,8 +260,8 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
     if (out.mask) out.mask[o + j] = hit;
     slots[j] = slot;
     if (hit) continue;
-    if (keys) keys.zero(o + j);
-    if (values) values.zero(o + j);
+    if (rows.keys) rows.keys.zero(o + j);
+    if (rows.values) rows.values.zero(o + j);
   }
 }
 
@@ -283,11 +290,12 @@ class PanelOrder {
   // Copies the hits in panels [b0, b1) of memory g, whose rows start at result row `row0`.
   void copy(const Plan& p, int64_t g, const int32_t* slots, int64_t row0, int64_t b0, int64_t b1,
             float* scratch) const {
+    const ResultRows rows(p);
     const int64_t end = first_[b1];
     for (int64_t h = first_[b0]; h < end; ++h) {
       if (h + kPrefetchHits < end) prefetch_value(p, g, slots[order_[h + kPrefetchHits]]);
       const int64_t i = order_[h];
-      copy_hit(p, g, slots[i], row0 + i, scratch);
+      copy_hit(p, rows, g, slots[i], row0 + i, scratch);
     }
     end_streams(p);
   }
@@ -488,8 +496,9 @@ bool finish(const Plan& p, int64_t g, int64_t q0, int64_t q1, Partial* parts, in
   const int64_t row0 = (g * p.num_queries + q0) * k;
   std::vector<float> scratch(static_cast<std::size_t>(p.m->key_dim));
   if (p.m->key_layout == KeyLayout::kRows) {  // rows: each key is one piece of memory
+    const ResultRows rows(p);
     for (int64_t i = 0; i < nq * k; ++i) {
-      if (slots[i] >= 0) copy_hit(p, g, slots[i], row0 + i, scratch.data());
+      if (slots[i] >= 0) copy_hit(p, rows, g, slots[i], row0 + i, scratch.data());
     }
     end_streams(p);
     return true;
