@@ -181,7 +181,7 @@ def cells_first(arr: np.ndarray) -> np.ndarray:
     return arr if arr.ndim >= 3 else arr[None]
 
 
-def _row_dtype_of(arr: Any, field: str, fallback: str) -> tuple[Any, str]:
+def core_out_array(arr: Any, field: str, fallback: str) -> tuple[Any, str]:
     """A caller's out= array for the core: numpy arrays as they are; CPU torch tensors
     as numpy views (bfloat16 ones as their int16 bits, with the dtype named)."""
     if framework_of(arr) == "torch":
@@ -218,7 +218,7 @@ def prepare_out(
         if arr is None:
             arrays.append(None)
             continue
-        core_arr, dtypes[name] = _row_dtype_of(arr, name, dtypes.get(name, row_dtype))
+        core_arr, dtypes[name] = core_out_array(arr, name, dtypes.get(name, row_dtype))
         want = (*shape, nq, k, *dims.get(name, ()))
         if tuple(arr.shape) != want:
             raise ValueError(f"out: {name} must have shape {want}, got {tuple(arr.shape)}")

@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _core
 from .. import cuda as _kcuda
 from .._arrays import as_float32
-from .._contract import SearchResult
+from .._contract import SearchResult, core_out_array
 from . import _reference
 from ._checks import (
     ALL_FIELDS,
@@ -321,13 +321,37 @@ search.register_autograd(_search_backward, setup_context=_search_setup_context)
 _OUTS = ("out_scores", "out_indices", "out_keys", "out_values", "out_mask")
 
 
-def _out_numpy(t: Optional[Tensor], row_dtype: str) -> tuple:
-    """(a numpy view of a CPU out tensor, the row dtype its bits are in)."""
-    if t is None:
-        return None, row_dtype
-    if t.dtype == torch.bfloat16:
-        return t.detach().view(torch.int16).numpy(), "bfloat16"
-    return t.detach().numpy(), row_dtype
+def _check_search_out(
+    keys, values, written, queries, k, recall_target, metric, precision, which, outs
+) -> str:
+    """Checks the arguments of knnmem::search_out (the kernel's and the fake's); returns
+    the fields to compute, those with an out_ tensor, comma separated."""
+    fields = ",".join(f for f, t in zip(SearchResult._fields, outs) if t is not None)
+    if not fields:
+        raise ValueError("out: expected at least one tensor to write")
+    shape, nq, k, _, key_dim, value_dim, _ = check_search(
+        keys,
+        values,
+        written,
+        queries,
+        k,
+        recall_target,
+        metric,
+        precision,
+        fields,
+        "float32",
+        which,
+    )
+    dims = (*shape, nq, k)
+    sizes = (dims, dims, (*dims, key_dim), (*dims, value_dim), dims)
+    for name, t, size in zip(SearchResult._fields, outs, sizes):
+        if t is not None and tuple(t.shape) != size:
+            raise ValueError(f"out: {name} must have shape {size}, got {tuple(t.shape)}")
+        if t is not None and t.device != keys.device:
+            raise ValueError(
+                f"out: {name} must be on {keys.device} (as the memory), got {t.device}"
+            )
+    return fields
 
 
 @torch.library.custom_op("knnmem::search_out", mutates_args=_OUTS)
@@ -354,32 +378,9 @@ def search_out(
     core writes into them directly; elsewhere the result is computed and copied.
     Not differentiable."""
     outs = (out_scores, out_indices, out_keys, out_values, out_mask)
-    fields = ",".join(f for f, t in zip(SearchResult._fields, outs) if t is not None)
-    if not fields:
-        raise ValueError("out: expected at least one tensor to write")
-    shape, nq, k, _, key_dim, value_dim, _ = check_search(
-        keys,
-        values,
-        written,
-        queries,
-        k,
-        recall_target,
-        metric,
-        precision,
-        fields,
-        "float32",
-        which,
+    fields = _check_search_out(
+        keys, values, written, queries, k, recall_target, metric, precision, which, outs
     )
-    dims = (*shape, nq, k)
-    for name, t, size in zip(
-        SearchResult._fields, outs, (dims, dims, (*dims, key_dim), (*dims, value_dim), dims)
-    ):
-        if t is not None and tuple(t.shape) != size:
-            raise ValueError(f"out: {name} must have shape {size}, got {tuple(t.shape)}")
-        if t is not None and t.device != keys.device:
-            raise ValueError(
-                f"out: {name} must be on {keys.device} (as the memory), got {t.device}"
-            )
     if keys.device.type not in _CORE_DEVICES:
         full = search(
             keys,
@@ -400,9 +401,14 @@ def search_out(
         return
     k_np, v_np, w_np = _np_ring(keys.contiguous(), values.contiguous(), written.contiguous())
     q = _f32_numpy(queries, "queries")
-    arrays = [_out_numpy(t, "float32")[0] for t in outs]
-    key_dtype = _out_numpy(out_keys, "float32")[1]
-    value_dtype = _out_numpy(out_values, "float32")[1]
+    # numpy views of the tensors (bfloat16 ones as their bits, with that row dtype)
+    arrays, dtypes = zip(
+        *(
+            core_out_array(t, f, "float32") if t is not None else (None, "float32")
+            for f, t in zip(SearchResult._fields, outs)
+        )
+    )
+    key_dtype, value_dtype = dtypes[2], dtypes[3]
     _core.search(
         k_np,
         v_np,
@@ -421,21 +427,8 @@ def search_out(
 
 @search_out.register_fake
 def _(keys, values, written, queries, k, recall_target, metric, precision, which, *outs):
-    fields = ",".join(f for f, t in zip(SearchResult._fields, outs) if t is not None)
-    if not fields:
-        raise ValueError("out: expected at least one tensor to write")
-    check_search(
-        keys,
-        values,
-        written,
-        queries,
-        k,
-        recall_target,
-        metric,
-        precision,
-        fields,
-        "float32",
-        which,
+    _check_search_out(
+        keys, values, written, queries, k, recall_target, metric, precision, which, outs
     )
 
 
