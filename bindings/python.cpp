@@ -9,7 +9,6 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <sys/mman.h>
 
 #include <array>
 #include <charconv>
@@ -17,15 +16,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <list>
 #include <memory>
-#include <mutex>
 #include <new>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "core/block_cache.hpp"
 #include "gil.hpp"
 #include "knnmem/knnmem.hpp"
 
@@ -324,81 +322,29 @@ class ResultCache {
   static constexpr std::size_t kMinBytes = std::size_t{1} << 20;
   static constexpr std::size_t kKeepBytes = std::size_t{256} << 20;
 
-  static ResultCache& get() {
-    static ResultCache* cache = new ResultCache;  // never destroyed: freed arrays may outlive exit
-    return *cache;
-  }
-
   // An array of `dtype` and `shape` (C order), its memory from the cache when big.
-  py::array array(const py::dtype& dtype, const std::vector<py::ssize_t>& shape) {
+  static py::array array(const py::dtype& dtype, const std::vector<py::ssize_t>& shape) {
     std::size_t bytes = static_cast<std::size_t>(dtype.itemsize());
     for (py::ssize_t n : shape) bytes *= static_cast<std::size_t>(n);
     if (bytes < kMinBytes) return py::array(dtype, shape);
-    Block* block = take(bytes);
-    py::capsule owner(block, [](void* b) { get().give(static_cast<Block*>(b)); });
+    knnmem::detail::BlockCache::Block* block = blocks().take(bytes);
+    py::capsule owner(
+        block, [](void* b) { blocks().give(static_cast<knnmem::detail::BlockCache::Block*>(b)); });
     return py::array(dtype, shape, block->data, owner);
   }
 
  private:
-  struct Block {
-    void* data;
-    std::size_t bytes;
-  };
-
-  ResultCache() {
-    pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
-                   [] { new (&get().mutex_) std::mutex(); });
+  // Never destroyed: freed arrays may outlive exit. Its fork handlers only
+  // guard its own mutex, which no call holds while it waits for anything else.
+  static knnmem::detail::BlockCache& blocks() {
+    static knnmem::detail::BlockCache* const cache = [] {
+      auto* c = new knnmem::detail::BlockCache(kKeepBytes, /*huge_pages=*/true);
+      pthread_atfork([] { blocks().before_fork(); }, [] { blocks().after_fork(false); },
+                     [] { blocks().after_fork(true); });
+      return c;
+    }();
+    return *cache;
   }
-
-  // A kept block of at least `bytes` and at most twice that, else a new one.
-  Block* take(std::size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto best = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if ((*it)->bytes >= bytes && (*it)->bytes / 2 <= bytes &&
-            (best == free_.end() || (*it)->bytes < (*best)->bytes)) {
-          best = it;
-        }
-      }
-      if (best != free_.end()) {
-        Block* b = *best;
-        kept_ -= b->bytes;
-        free_.erase(best);
-        return b;
-      }
-    }
-    const std::size_t rounded = (bytes + 4095) / 4096 * 4096;
-    void* data = std::aligned_alloc(4096, rounded);
-    if (data == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data, rounded, MADV_HUGEPAGE);  // advice only, as numpy gives its own
-#endif
-    return new Block{data, rounded};
-  }
-
-  // Keeps a freed array's block (the newest first), freeing the oldest beyond kKeepBytes.
-  void give(Block* block) {
-    std::vector<Block*> drop;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      free_.push_front(block);
-      kept_ += block->bytes;
-      while (kept_ > kKeepBytes) {
-        drop.push_back(free_.back());
-        kept_ -= free_.back()->bytes;
-        free_.pop_back();
-      }
-    }
-    for (Block* b : drop) {
-      std::free(b->data);
-      delete b;
-    }
-  }
-
-  std::mutex mutex_;
-  std::list<Block*> free_;
-  std::size_t kept_ = 0;
 };
 
 // Allocates (or takes from the request's `out`) the result arrays and runs
@@ -422,7 +368,7 @@ py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64
     if (!req.want[i]) return nullptr;
     std::optional<py::array> a = given(i);
     if (!a) {
-      a = ResultCache::get().array(dtype, {grid, nq, k});
+      a = ResultCache::array(dtype, {grid, nq, k});
     } else if (!a->dtype().is(dtype) || !(a->flags() & py::array::c_style) || !a->writeable() ||
                a->size() != rows) {
       throw InvalidArgument(std::string("out: ") + kFields[i] +
@@ -444,7 +390,7 @@ py::tuple run_search(int64_t grid, int64_t nq, int64_t k, int64_t key_dim, int64
                            : format == knnmem::RowFormat::kFloat16
                                ? py::dtype("float16")
                                : py::dtype::of<uint16_t>();  // bfloat16 bits
-      a = ResultCache::get().array(dt, {grid, nq, k, dim});
+      a = ResultCache::array(dt, {grid, nq, k, dim});
       stride = dim;
     } else {
       format = row_format_of(*a, kFields[i], asked);

@@ -6,7 +6,7 @@
 // thread pool would hand work to threads that are gone. So:
 //   * before the fork, every Memory's lock is taken exclusively -- searches,
 //     adds and clears in flight finish first, new ones wait -- then the
-//     placement cache's and the thread pool's mutexes: the child copies every
+//     placement cache's, the thread pool's and the scratch cache's mutexes: the child copies every
 //     memory between two calls and no shared structure mid-update;
 //   * after it, the parent releases them all;
 //   * the child sets every lock up anew, free (the condition variables too:
@@ -25,6 +25,7 @@
 #include <new>
 #include <set>
 
+#include "core/block_cache.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace knnmem {
@@ -45,14 +46,17 @@ struct ForkHandlers {
     for (RWLock* l : locks()) l->lock();
     placements_before_fork();
     pool_before_fork();
+    scratch_cache().before_fork();
   }
   static void parent() {
+    scratch_cache().after_fork(false);
     pool_after_fork(false);
     placements_after_fork();
     for (RWLock* l : locks()) l->unlock();
     locks_mutex().unlock();
   }
   static void child() {
+    scratch_cache().after_fork(true);
     pool_after_fork(true);
     placements_after_fork();
     for (RWLock* l : locks()) {

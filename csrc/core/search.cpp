@@ -26,7 +26,8 @@ namespace {
 // Exact search of memory g for queries [q0, q1) in this thread.
 void search_exact(const Plan& p, int64_t g, int64_t q0, int64_t q1) {
   Partial part;
-  scan_part(p, g, q0, q1, 0, scan_range(p.m->capacity, p.m->written[g]).end, true, part);
+  scan_part(p, prepare_queries(p, g, q0, q1), 0, scan_range(p.m->capacity, p.m->written[g]).end,
+            true, part);
   const bool complete = finish(p, g, q0, q1, &part, 1, true, q0);
   KNNMEM_ASSERT(complete);
 }
@@ -54,22 +55,29 @@ void find_results(Plan& p) {
       const int64_t g = static_cast<int64_t>(i) / p.chunks;
       const auto [q0, q1] = queries_of(static_cast<int64_t>(i) % p.chunks);
       Partial part;
-      scan_part(p, g, q0, q1, 0, scan_range(memory.capacity, memory.written[g]).end, false, part);
+      scan_part(p, prepare_queries(p, g, q0, q1), 0,
+                scan_range(memory.capacity, memory.written[g]).end, false, part);
       if (!finish(p, g, q0, q1, &part, 1, false, q0)) search_exact(p, g, q0, q1);
     });
     return;
   }
+  // Each chunk's queries are prepared once for the tasks of all its ranges.
+  std::vector<PreparedQueries> prepared(static_cast<std::size_t>(tasks));
+  detail::parallel_for(prepared.size(), [&](std::size_t t) {
+    const int64_t g = static_cast<int64_t>(t) / p.chunks;
+    const auto [q0, q1] = queries_of(static_cast<int64_t>(t) % p.chunks);
+    prepared[t] = prepare_queries(p, g, q0, q1);
+  });
   std::vector<Partial> parts(static_cast<std::size_t>(tasks * p.splits));
   // Exact top-k over split slot ranges: the ranges of a query chunk share a
   // lower bound on each query's k-th score (TopKBuffers::shared_bound).
   std::vector<uint32_t> bounds(static_cast<std::size_t>(tasks * p.q_chunk), 0u);
   detail::parallel_for(parts.size(), [&](std::size_t i) {
     const int64_t t = static_cast<int64_t>(i) / p.splits;
-    const int64_t g = t / p.chunks;
-    const auto [q0, q1] = queries_of(t % p.chunks);
-    const int64_t end = scan_range(memory.capacity, memory.written[g]).end;
+    const PreparedQueries& queries = prepared[static_cast<std::size_t>(t)];
+    const int64_t end = scan_range(memory.capacity, memory.written[queries.g]).end;
     const auto [s0, s1] = split_range(end, static_cast<int64_t>(i) % p.splits, p.splits);
-    scan_part(p, g, q0, q1, s0, s1, false, parts[i], bounds.data() + t * p.q_chunk);
+    scan_part(p, queries, s0, s1, false, parts[i], bounds.data() + t * p.q_chunk);
   });
   // Merged and finished in pieces of at most kFinishPiece queries, so a big
   // query chunk still finishes on every thread.

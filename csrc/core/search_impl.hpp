@@ -11,10 +11,12 @@
 //                       and results written: scores, positions, keys, values
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "core/block_cache.hpp"
 #include "core/select.hpp"
 #include "cpu/kernels.hpp"
 #include "knnmem/knnmem.hpp"
@@ -72,28 +74,37 @@ inline ScanRange scan_range(int64_t capacity, int64_t written) {
 // Reduction state of one task: bins or exact top-k buffers, per query. begin()
 // sets it up for the task's queries, the kernel adds scores to it, and the
 // reductions of search_results.cpp (BinReduction, TopKReduction) finish it.
+// Its buffers come from the scratch cache (core/block_cache.hpp): a search's
+// bins are the same size every step, and fresh ones fault their pages in.
 struct Partial {
-  std::vector<float> best;
-  std::vector<int32_t> slot;
-  std::vector<float> tk_scores;
-  std::vector<int32_t> tk_slots;
-  std::vector<int64_t> tk_sizes;
-  std::vector<float> tk_thresholds;
-  cpu::TopKBuffers topk;
+  float* best = nullptr;    // bins: [nq][num_bins]
+  int32_t* slot = nullptr;  // bins: [nq][num_bins]
+  cpu::TopKBuffers topk;    // exact: buffers of 2k or more candidates per query
+  detail::ScratchBlock memory;
 
   void begin(int64_t nq, int64_t num_bins, int64_t k, uint32_t* shared_bound = nullptr) {
     if (num_bins > 0) {
-      best.assign(static_cast<std::size_t>(nq * num_bins), kNegInf);
-      slot.assign(static_cast<std::size_t>(nq * num_bins), -1);
+      const std::size_t n = static_cast<std::size_t>(nq * num_bins);
+      char* at = static_cast<char*>(memory.reserve(n * (sizeof(float) + sizeof(int32_t))));
+      best = reinterpret_cast<float*>(at);
+      slot = reinterpret_cast<int32_t*>(at + n * sizeof(float));
+      std::fill_n(best, n, kNegInf);
+      std::fill_n(slot, n, -1);
       return;
     }
     const int64_t cap = std::max<int64_t>(2 * k, 256);
-    tk_scores.resize(static_cast<std::size_t>(nq * cap));
-    tk_slots.resize(static_cast<std::size_t>(nq * cap));
-    tk_sizes.assign(static_cast<std::size_t>(nq), 0);
-    tk_thresholds.assign(static_cast<std::size_t>(nq), kNegInf);
-    topk = {tk_scores.data(), tk_slots.data(), tk_sizes.data(), tk_thresholds.data(), cap, k,
-            shared_bound};
+    const std::size_t n = static_cast<std::size_t>(nq * cap), q = static_cast<std::size_t>(nq);
+    char* at = static_cast<char*>(memory.reserve(n * (sizeof(float) + sizeof(int32_t)) +
+                                                 q * (sizeof(int64_t) + sizeof(float))));
+    topk.sizes = reinterpret_cast<int64_t*>(at);  // 8-byte fields first: aligned
+    topk.thresholds = reinterpret_cast<float*>(at + q * sizeof(int64_t));
+    topk.scores = topk.thresholds + q;
+    topk.slots = reinterpret_cast<int32_t*>(topk.scores + n);
+    std::fill_n(topk.sizes, q, int64_t{0});
+    std::fill_n(topk.thresholds, q, kNegInf);
+    topk.capacity = cap;
+    topk.k = k;
+    topk.shared_bound = shared_bound;
   }
 };
 
@@ -126,9 +137,21 @@ inline int64_t bins_for(const Plan& p, int64_t live, bool exact) {
   return exact || p.num_bins == 0 || p.num_bins >= live ? 0 : p.num_bins;
 }
 
-// Scans slots [s_begin, s_end) of memory g for queries [q0, q1) into `part`
+// Queries [q0, q1) of memory g prepared for the metric and the scored key
+// format: rows (unit length for cosine, zero-padded to q_stride), |q|^2 for
+// l2, and for bfloat16 or int8 keys their words and (int8) scales -- what
+// cpu::ScanArgs takes (search_scan.cpp).
+struct PreparedQueries {
+  int64_t g = 0, q0 = 0, q1 = 0;
+  int64_t q_stride = 0;
+  std::vector<float> rows, sq, scale;
+  std::vector<uint32_t> words;
+};
+PreparedQueries prepare_queries(const Plan& p, int64_t g, int64_t q0, int64_t q1);
+
+// Scans slots [s_begin, s_end) of the prepared queries' memory into `part`
 // (search_scan.cpp).
-void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
+void scan_part(const Plan& p, const PreparedQueries& queries, int64_t s_begin, int64_t s_end,
                bool exact, Partial& part, uint32_t* shared_bound = nullptr);
 
 // Merges the partial states of memory g's slot ranges and writes the results

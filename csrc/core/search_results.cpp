@@ -318,14 +318,14 @@ class BinSelect {
   // Merges query row `row`; returns how many bins are not empty.
   int64_t merge(const Partial* parts, int64_t nparts, int64_t row) {
     const int64_t L = num_bins_;
-    const float* best = parts[0].best.data() + row * L;
-    const int32_t* slot = parts[0].slot.data() + row * L;
+    const float* best = parts[0].best + row * L;
+    const int32_t* slot = parts[0].slot + row * L;
     if (nparts > 1) {
       std::copy_n(best, L, score_.data());
       std::copy_n(slot, L, slot_.data());
       for (int64_t s = 1; s < nparts; ++s) {
-        const float* b = parts[s].best.data() + row * L;
-        const int32_t* t = parts[s].slot.data() + row * L;
+        const float* b = parts[s].best + row * L;
+        const int32_t* t = parts[s].slot + row * L;
         for (int64_t i = 0; i < L; ++i) {  // branch-free, so that it vectorizes
           const int32_t take = -static_cast<int32_t>(b[i] > score_[i]);
           slot_[i] = (t[i] & take) | (slot_[i] & ~take);

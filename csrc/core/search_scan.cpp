@@ -1,5 +1,6 @@
-// A task's scan: its queries prepared for the metric and the scored key format,
-// then the active CPU kernel over a range of slots (row-layout keys packed into
+// A task's scan: its queries prepared for the metric and the scored key format
+// (once per block of queries, shared by the tasks of its slot ranges), then the
+// active CPU kernel over a range of slots (row-layout keys packed into
 // panels a block at a time, as Memory::add would have stored them).
 #include <algorithm>
 #include <cmath>
@@ -13,55 +14,51 @@
 
 namespace knnmem::search_impl {
 
-void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin, int64_t s_end,
-               bool exact, Partial& part, uint32_t* shared_bound) {
+PreparedQueries prepare_queries(const Plan& p, int64_t g, int64_t q0, int64_t q1) {
   const MemoryView& m = *p.m;
-  const int64_t written = m.written[g];  // the search's snapshot, indexed by g
-  const int64_t c = m.cell(g);           // where memory g is stored
+  PreparedQueries out;
+  out.g = g;
+  out.q0 = q0;
+  out.q1 = q1;
   const int64_t nq = q1 - q0;
   const int64_t dim = m.key_dim;
   const Metric metric = p.opt->metric;
-  const int64_t num_bins = bins_for(p, std::min(written, m.capacity), exact);
-  part.begin(nq, num_bins, p.opt->k, shared_bound);
-  if (s_begin >= s_end) return;
-
-  // Queries prepared for the metric (unit length for cosine, |q|^2 for l2),
-  // zero-padded to whole bfloat16 pairs, and rounded to pairs for bfloat16 keys.
+  // Unit length for cosine, |q|^2 for l2, zero-padded to whole bfloat16
+  // pairs, and rounded to pairs for bfloat16 keys.
   const KeyFormat format = scored_format(m, *p.opt);
   const int64_t pairs = (dim + 1) / 2;
   const int64_t q_stride = format == KeyFormat::kBFloat16 ? 2 * pairs : dim;
-  std::vector<float> qbuf(static_cast<std::size_t>(nq * q_stride), 0.0f);
-  std::vector<float> q_sq(static_cast<std::size_t>(nq), 0.0f);
-  std::vector<uint32_t> qwords;
+  out.q_stride = q_stride;
+  out.rows.assign(static_cast<std::size_t>(nq * q_stride), 0.0f);
+  out.sq.assign(static_cast<std::size_t>(nq), 0.0f);
   for (int64_t q = 0; q < nq; ++q) {
-    float* row = qbuf.data() + q * q_stride;
+    float* row = out.rows.data() + q * q_stride;
     std::memcpy(row, p.queries + (g * p.num_queries + q0 + q) * dim, sizeof(float) * dim);
     if (metric == Metric::kInnerProduct) continue;
-    q_sq[q] = cpu::squared_norm(row, dim);
-    if (metric == Metric::kCosine && q_sq[q] > 0.0f) {
-      const float inv = 1.0f / std::sqrt(q_sq[q]);
+    out.sq[q] = cpu::squared_norm(row, dim);
+    if (metric == Metric::kCosine && out.sq[q] > 0.0f) {
+      const float inv = 1.0f / std::sqrt(out.sq[q]);
       for (int64_t i = 0; i < dim; ++i) row[i] *= inv;
     }
   }
-  std::vector<float> q_scale;
   if (format == KeyFormat::kBFloat16) {
-    qwords.resize(static_cast<std::size_t>(nq * pairs));
+    out.words.resize(static_cast<std::size_t>(nq * pairs));
     for (int64_t q = 0; q < nq; ++q) {
       for (int64_t i = 0; i < pairs; ++i) {
-        qwords[q * pairs + i] = detail::bf16_pair(qbuf.data() + q * q_stride, dim, i);
+        out.words[q * pairs + i] = detail::bf16_pair(out.rows.data() + q * q_stride, dim, i);
       }
     }
   } else if (format == KeyFormat::kInt8) {
     // 7-bit queries, q = scale * (u - 64) with u in [1, 127], so that every
     // variant (including u8 x s8 -> s16 pair sums) computes the same integers.
     const int64_t quads = key_words(KeyFormat::kInt8, dim);
-    qwords.resize(static_cast<std::size_t>(nq * quads));
-    q_scale.resize(static_cast<std::size_t>(nq));
+    out.words.resize(static_cast<std::size_t>(nq * quads));
+    out.scale.resize(static_cast<std::size_t>(nq));
     for (int64_t q = 0; q < nq; ++q) {
-      const float* row = qbuf.data() + q * q_stride;
+      const float* row = out.rows.data() + q * q_stride;
       float amax = 0.0f;
       for (int64_t i = 0; i < dim; ++i) amax = std::max(amax, std::abs(row[i]));
-      q_scale[q] = amax / 63.0f;
+      out.scale[q] = amax / 63.0f;
       const float inv = amax > 0.0f ? 63.0f / amax : 0.0f;
       for (int64_t w = 0; w < quads; ++w) {
         uint32_t word = 0;
@@ -70,20 +67,36 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
           const int32_t v = i < dim ? static_cast<int32_t>(std::lround(row[i] * inv)) : 0;
           word |= static_cast<uint32_t>(std::clamp(v, -63, 63) + 64) << (8 * b);
         }
-        qwords[q * quads + w] = word;
+        out.words[q * quads + w] = word;
       }
     }
   }
+  return out;
+}
+
+void scan_part(const Plan& p, const PreparedQueries& queries, int64_t s_begin, int64_t s_end,
+               bool exact, Partial& part, uint32_t* shared_bound) {
+  const MemoryView& m = *p.m;
+  const int64_t g = queries.g;
+  const int64_t written = m.written[g];  // the search's snapshot, indexed by g
+  const int64_t c = m.cell(g);           // where memory g is stored
+  const int64_t nq = queries.q1 - queries.q0;
+  const int64_t dim = m.key_dim;
+  const Metric metric = p.opt->metric;
+  const int64_t num_bins = bins_for(p, std::min(written, m.capacity), exact);
+  part.begin(nq, num_bins, p.opt->k, shared_bound);
+  if (s_begin >= s_end) return;
+  const KeyFormat format = scored_format(m, *p.opt);
 
   const ScanRange range = scan_range(m.capacity, written);
   cpu::ScanArgs args;
-  args.queries = qbuf.data();
-  args.query_sq = q_sq.data();
-  args.query_words = qwords.data();
-  args.query_scale = q_scale.data();
+  args.queries = queries.rows.data();
+  args.query_sq = queries.sq.data();
+  args.query_words = queries.words.data();
+  args.query_scale = queries.scale.data();
   args.num_queries = nq;
   args.dim = dim;
-  args.q_stride = q_stride;
+  args.q_stride = queries.q_stride;
   args.key_format = format;
   args.key_words = key_words(format, dim);
   args.metric = metric;
@@ -91,8 +104,8 @@ void scan_part(const Plan& p, int64_t g, int64_t q0, int64_t q1, int64_t s_begin
   args.offset_of = m.placement->offset_of();
   args.written = written;
   args.num_bins = num_bins;
-  args.bin_best = part.best.data();
-  args.bin_slot = part.slot.data();
+  args.bin_best = part.best;
+  args.bin_slot = part.slot;
   args.topk = &part.topk;
   const cpu::ScanFn scan = cpu::active_kernel().scan;
 
