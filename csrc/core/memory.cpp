@@ -23,7 +23,10 @@ namespace knnmem {
 namespace {
 
 constexpr int64_t kAlign = 64;
-constexpr int64_t kAddChunk = 4096;  // rows per add task
+// Rows per add task. Each row goes to a random slot (Placement): its stores
+// miss a cache line per panel row of its key, so even a segment of a few
+// hundred rows is worth spreading over the threads.
+constexpr int64_t kAddChunk = 256;
 
 // Product of sizes in bytes; throws std::length_error naming the sizes when
 // it does not fit in a signed 64-bit count.
