@@ -16,6 +16,13 @@ constexpr std::size_t kScratchKeepBytes = std::size_t{64} << 20;
 
 }  // namespace
 
+BlockCache::~BlockCache() {
+  for (Block* b : free_) {
+    std::free(b->data);
+    delete b;
+  }
+}
+
 BlockCache::Block* BlockCache::take(std::size_t bytes) {
   const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
   {

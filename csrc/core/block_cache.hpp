@@ -26,6 +26,7 @@ class BlockCache {
   // advised to the kernel as huge-page candidates (advice only).
   BlockCache(std::size_t keep_bytes, bool huge_pages)
       : keep_bytes_(keep_bytes), huge_pages_(huge_pages) {}
+  ~BlockCache();  // frees the kept blocks (blocks taken must have been given back)
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
 
