@@ -6,14 +6,17 @@
 
 M1 (one memory of 65,536 rows, d = 128, Q = 512) or M4 (8 memories of 65,536 rows,
 d = 128, one query each), k = 32, recall target 0.9, clustered unit keys as in
-knnmem.bench, with float32, bfloat16 and int8 keys. Every step adds one
-segment of Q rows and searches Q queries; the kernels and key dtypes take turns step by
-step, so a slow spell of a shared machine hits all of them. With one knnmem thread the
-time is the CPU time of the calling thread (other load on the machine counts less);
-with more, wall time. The float32 rate is compared with numpy's sgemm, measured the same
-way in the same process (OPENBLAS_CORETYPE=Haswell in the command: the AVX2 kernel of
-OpenBLAS, the reference for the avx2 and avx_vnni kernels). Kernels this CPU lacks are
-skipped.
+knnmem.bench, with float32, bfloat16 and int8 keys. Every step adds one segment of Q
+rows and searches Q queries; the kernels and key dtypes take turns step by step, so a
+slow spell of a shared machine hits all of them. With one knnmem thread the time is the
+CPU time of the calling thread (other load on the machine counts less); with more, wall
+time. Steps run back to back, as in a training or decoding loop (one untimed round
+first; --settle adds idle time before each step: on the 2-vCPU VM of the README, 30 ms
+of idle made the next few milliseconds of work up to 1.7x slower, which weighs most on
+the shortest steps, those of the narrowest keys). The float32 rate is compared with
+numpy's sgemm, measured the same way in the same process (OPENBLAS_CORETYPE=Haswell in
+the command: the AVX2 kernel of OpenBLAS, the reference for the avx2 and avx_vnni
+kernels). Kernels this CPU lacks are skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--workload", choices=sorted(SHAPES), default="M1")
+    ap.add_argument("--settle", type=float, default=0.0, help="idle seconds before each step")
     args = ap.parse_args()
     kernels = [k for k in args.kernels.split(",") if k in _core.supported_kernels()]
     dtypes = args.dtypes.split(",")
@@ -72,15 +76,18 @@ def main() -> None:
         mem.add(keys, -keys)
         memories[dtype] = mem
     times: dict[tuple[str, str], list[float]] = {(k, d): [] for k in kernels for d in dtypes}
-    for step in range(args.steps):
+    time.sleep(0.5)  # numpy's BLAS threads stop spinning after the sgemm
+    for step in range(-1, args.steps):  # step -1: the untimed round
         for (kernel, dtype), spent in times.items():
             _core.set_kernel(kernel)
             mem, seg = memories[dtype], segments[step % len(segments)]
-            time.sleep(0.03)
+            if args.settle > 0:
+                time.sleep(args.settle)
             t0 = clock()
             mem.add(seg, -seg)
             mem.search(queries, k=K, recall_target=TARGET)
-            spent.append(clock() - t0)
+            if step >= 0:
+                spent.append(clock() - t0)
     _core.set_kernel("")
     rates.append(sgemm_gflops(clock))
     sgemm = max(rates)
