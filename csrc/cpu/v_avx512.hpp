@@ -54,9 +54,14 @@ struct VAvx512 {
   static I load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
   static I set1_word(uint32_t w) { return _mm512_set1_epi32(static_cast<int>(w)); }
   // u8 x s8 pairs to int16 (no saturation: u < 128, |k| <= 127), then pairs to int32.
+  // The empty asm keeps each sum's three instructions together, as in v_avx2.hpp:
+  // without it GCC 12 issues a row's vpmaddubsw first and keeps the 6 x 4 tile's
+  // accumulators on the stack (measured: int8 1.5x float32 instead of 1.9x).
   static I dot_u8s8(I acc, I q, I k) {
     const __m512i pairs = _mm512_maddubs_epi16(q, k);
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+    __m512i sum = _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+    __asm__("" : "+v"(sum));
+    return sum;
   }
   static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static I shl6(I a) { return _mm512_slli_epi32(a, 6); }
