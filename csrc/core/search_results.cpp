@@ -127,30 +127,21 @@ void end_streams(const Plan& p) {
   (void)p;
 }
 
-// A key in panels straight to a streamed result row, four dimensions per
-// store (float32: one from each of four panel rows; bfloat16: two words of
-// pairs; int8: one word, widened and scaled as key_row does), without a row
-// in between. False (nothing written) where that does not apply (float16,
-// rows, dimensions not a multiple of 4, results not streamed).
-bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, void* row) {
 #if defined(__SSE2__)
-  const MemoryView& m = *p.m;
-  float* dst = static_cast<float*>(row);
-  if (!p.stream || m.key_layout != KeyLayout::kPanels || m.key_format == KeyFormat::kFloat16 ||
-      p.out->key_format != RowFormat::kFloat32 || m.key_dim % 4 != 0 ||
-      reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
-    return false;
-  }
+// The float32, bfloat16 or int8 key of a slot of memory g (panels, dimensions
+// a multiple of 4) to dst, four dimensions at a time through store(at, v).
+template <class Store>
+void write_panel_key(const MemoryView& m, int64_t g, int64_t slot, float* dst, Store store) {
   const int64_t at = m.cell(g) * padded_capacity(m.capacity) + slot;  // the slot's entry
   const int64_t base = (at - slot % kPanelSlots) * key_words(m.key_format, m.key_dim);
   const int64_t S = kPanelSlots;
   if (m.key_format == KeyFormat::kFloat32) {
     const float* lane = static_cast<const float*>(m.keys) + base + slot % S;
     for (int64_t i = 0; i < m.key_dim; i += 4) {
-      _mm_stream_ps(dst + i, _mm_setr_ps(lane[i * S], lane[(i + 1) * S], lane[(i + 2) * S],
-                                         lane[(i + 3) * S]));
+      store(dst + i,
+            _mm_setr_ps(lane[i * S], lane[(i + 1) * S], lane[(i + 2) * S], lane[(i + 3) * S]));
     }
-    return true;
+    return;
   }
   const uint32_t* lane = static_cast<const uint32_t*>(m.keys) + base + slot % S;
   if (m.key_format == KeyFormat::kBFloat16) {  // word w: dims 2w (low half), 2w + 1
@@ -158,19 +149,40 @@ bool stream_panel_key(const Plan& p, int64_t g, int64_t slot, void* row) {
     for (int64_t i = 0; i < m.key_dim; i += 4) {
       const int32_t w0 = static_cast<int32_t>(lane[i / 2 * S]);
       const int32_t w1 = static_cast<int32_t>(lane[(i / 2 + 1) * S]);
-      _mm_stream_ps(dst + i,
-                    _mm_castsi128_ps(_mm_setr_epi32(
-                        static_cast<int32_t>(static_cast<uint32_t>(w0) << 16), w0 & high,
-                        static_cast<int32_t>(static_cast<uint32_t>(w1) << 16), w1 & high)));
+      store(dst + i, _mm_castsi128_ps(_mm_setr_epi32(
+                         static_cast<int32_t>(static_cast<uint32_t>(w0) << 16), w0 & high,
+                         static_cast<int32_t>(static_cast<uint32_t>(w1) << 16), w1 & high)));
     }
-    return true;
+    return;
   }
   const __m128 scale = _mm_set1_ps(m.key_scale[at]);  // int8: word w holds dims 4w .. 4w + 3
   for (int64_t i = 0; i < m.key_dim; i += 4) {
     __m128i x = _mm_cvtsi32_si128(static_cast<int32_t>(lane[i / 4 * S]));
     x = _mm_unpacklo_epi8(x, x);  // byte b of the word to the top of 32-bit lane b
     x = _mm_srai_epi32(_mm_unpacklo_epi16(x, x), 24);
-    _mm_stream_ps(dst + i, _mm_mul_ps(_mm_cvtepi32_ps(x), scale));
+    store(dst + i, _mm_mul_ps(_mm_cvtepi32_ps(x), scale));
+  }
+}
+#endif
+
+// A key in panels straight to its float32 result row, four dimensions per
+// store (float32: one from each of four panel rows; bfloat16: two words of
+// pairs; int8: one word, widened and scaled as key_row does), without a row in
+// between; streamed around the caches where the plan says so and the row is
+// 16-byte aligned. False (nothing written) where that does not apply (float16,
+// rows, other row formats, dimensions not a multiple of 4).
+bool panel_key_row(const Plan& p, int64_t g, int64_t slot, void* row) {
+#if defined(__SSE2__)
+  const MemoryView& m = *p.m;
+  float* dst = static_cast<float*>(row);
+  if (m.key_layout != KeyLayout::kPanels || m.key_format == KeyFormat::kFloat16 ||
+      p.out->key_format != RowFormat::kFloat32 || m.key_dim % 4 != 0) {
+    return false;
+  }
+  if (p.stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    write_panel_key(m, g, slot, dst, [](float* at, __m128 v) { _mm_stream_ps(at, v); });
+  } else {
+    write_panel_key(m, g, slot, dst, [](float* at, __m128 v) { _mm_storeu_ps(at, v); });
   }
   return true;
 #else
@@ -232,7 +244,7 @@ struct ResultRows {
 void copy_hit(const Plan& p, const ResultRows& rows, int64_t g, int64_t slot, int64_t o,
               float* scratch) {
   const MemoryView& m = *p.m;
-  if (rows.keys && !stream_panel_key(p, g, slot, rows.keys.at(o))) {
+  if (rows.keys && !panel_key_row(p, g, slot, rows.keys.at(o))) {
     rows.keys.put(o, key_row(m, g, slot, scratch), p.stream);
   }
   if (rows.values) {
