@@ -252,6 +252,31 @@ void copy_hit(const Plan& p, const ResultRows& rows, int64_t g, int64_t slot, in
   }
 }
 
+// position_of_slot for the slots of one memory, the division by the capacity
+// done once: the newest position p <= written - 1 with p mod capacity == r (the
+// slot's offset) is in the last lap if r <= (written - 1) mod capacity, else in
+// the one before.
+class SlotPositions {
+ public:
+  SlotPositions(const Placement& placement, int64_t written)
+      : offset_of_(placement.offset_of()), capacity_(placement.capacity()), written_(written) {
+    if (written > 0) {
+      laps_ = (written - 1) / capacity_;
+      last_ = (written - 1) % capacity_;
+    }
+  }
+  int64_t operator()(int64_t slot) const {
+    const int64_t r = offset_of_[slot];
+    if (r >= written_) return -1;
+    return r + capacity_ * (r <= last_ ? laps_ : laps_ - 1);
+  }
+
+ private:
+  const int32_t* offset_of_;
+  int64_t capacity_, written_;
+  int64_t laps_ = 0, last_ = 0;
+};
+
 // Writes query q's scores, indices and mask from its `found` best candidates
 // (in result order) and the slots of its results (-1: none) to `slots`; the
 // keys and values of misses are zeroed here, those of hits copied later (by
@@ -260,7 +285,7 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
                   int32_t* slots) {
   const MemoryView& m = *p.m;
   const int64_t k = p.opt->k;
-  const int64_t written = m.written[g];
+  const SlotPositions position(*m.placement, m.written[g]);
   const int64_t o = (g * p.num_queries + q) * k;
   const SearchOutput& out = *p.out;
   const ResultRows rows(p);
@@ -268,7 +293,7 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
     const bool hit = j < found;
     const int32_t slot = hit ? best[j].slot : -1;
     if (out.scores) out.scores[o + j] = hit ? best[j].score : kNegInf;
-    if (out.indices) out.indices[o + j] = hit ? position_of_slot(*m.placement, written, slot) : -1;
+    if (out.indices) out.indices[o + j] = hit ? position(slot) : -1;
     if (out.mask) out.mask[o + j] = hit;
     slots[j] = slot;
     if (hit) continue;
