@@ -9,19 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                 \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                   \
-    }                                                               \
-  } while (0)
 
 struct Results {
   std::vector<float> scores;
@@ -214,6 +205,5 @@ int main() {
   test_search();
   test_clear_and_bad_k();
   test_state_round_trip();
-  std::printf(failures ? "%d checks failed\n" : "all checks passed\n", failures);
-  return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+  return knnmem_test::check_summary();
 }

@@ -7,19 +7,10 @@
 #include <thread>
 #include <vector>
 
+#include "check.hpp"
 #include "core/block_cache.hpp"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                 \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                   \
-    }                                                               \
-  } while (0)
 
 using knnmem::detail::BlockCache;
 using knnmem::detail::ScratchBlock;
@@ -117,6 +108,5 @@ int main() {
   test_keep_limit();
   test_scratch_block();
   test_threads();
-  std::printf(failures ? "%d checks failed\n" : "all checks passed\n", failures);
-  return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+  return knnmem_test::check_summary();
 }
