@@ -1,5 +1,6 @@
 #include "core/block_cache.hpp"
 
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <vector>
@@ -24,6 +25,7 @@ BlockCache::~BlockCache() {
 }
 
 BlockCache::Block* BlockCache::take(std::size_t bytes) {
+  if (bytes > SIZE_MAX - kPage) throw std::bad_alloc();  // would wrap when rounded up
   const std::size_t rounded = (bytes + kPage - 1) / kPage * kPage;
   {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -42,6 +43,21 @@ void test_reuse() {
   BlockCache::Block* again = cache.take(3 * kPage);  // 4 pages <= 2 x 3 pages
   CHECK(again->data == big_data);
   cache.give(again);
+}
+
+// A size that cannot be rounded up to whole pages is refused with bad_alloc (a size
+// the system cannot give is too, by aligned_alloc; not tried here: ASan aborts on it).
+void test_refusal() {
+  BlockCache cache(1 << 20, false);
+  for (std::size_t bytes : {SIZE_MAX, SIZE_MAX - 100}) {
+    bool refused = false;
+    try {
+      cache.give(cache.take(bytes));
+    } catch (const std::bad_alloc&) {
+      refused = true;
+    }
+    CHECK(refused);
+  }
 }
 
 // Beyond keep_bytes the oldest kept blocks are freed; the newest come back first.
@@ -105,6 +121,7 @@ void test_threads() {
 
 int main() {
   test_reuse();
+  test_refusal();
   test_keep_limit();
   test_scratch_block();
   test_threads();
