@@ -8,6 +8,7 @@
 
 #include "core/assert.hpp"
 #include "core/fork.hpp"
+#include "core/positions.hpp"
 #include "knnmem/knnmem.hpp"
 
 namespace knnmem {
@@ -107,12 +108,8 @@ std::shared_ptr<const Placement> Placement::shared(int64_t capacity) {
 }
 
 int64_t position_of_slot(const Placement& placement, int64_t written, int64_t slot) {
-  const int64_t capacity = placement.capacity();
-  KNNMEM_ASSERT(slot >= 0 && slot < capacity);
-  const int64_t r = placement.offset_of()[slot];
-  if (r >= written) return -1;
-  // The newest row p <= written - 1 with p mod capacity == r.
-  return r + capacity * ((written - 1 - r) / capacity);
+  KNNMEM_ASSERT(slot >= 0 && slot < placement.capacity());
+  return detail::SlotPositions(placement, written)(slot);
 }
 
 }  // namespace knnmem

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/assert.hpp"
+#include "core/positions.hpp"
 #include "core/search_impl.hpp"
 #include "core/store_key.hpp"
 #include "core/thread_pool.hpp"
@@ -252,31 +253,6 @@ void copy_hit(const Plan& p, const ResultRows& rows, int64_t g, int64_t slot, in
   }
 }
 
-// position_of_slot for the slots of one memory, the division by the capacity
-// done once: the newest position p <= written - 1 with p mod capacity == r (the
-// slot's offset) is in the last lap if r <= (written - 1) mod capacity, else in
-// the one before.
-class SlotPositions {
- public:
-  SlotPositions(const Placement& placement, int64_t written)
-      : offset_of_(placement.offset_of()), capacity_(placement.capacity()), written_(written) {
-    if (written > 0) {
-      laps_ = (written - 1) / capacity_;
-      last_ = (written - 1) % capacity_;
-    }
-  }
-  int64_t operator()(int64_t slot) const {
-    const int64_t r = offset_of_[slot];
-    if (r >= written_) return -1;
-    return r + capacity_ * (r <= last_ ? laps_ : laps_ - 1);
-  }
-
- private:
-  const int32_t* offset_of_;
-  int64_t capacity_, written_;
-  int64_t laps_ = 0, last_ = 0;
-};
-
 // Writes query q's scores, indices and mask from its `found` best candidates
 // (in result order) and the slots of its results (-1: none) to `slots`; the
 // keys and values of misses are zeroed here, those of hits copied later (by
@@ -285,7 +261,7 @@ void write_result(const Plan& p, int64_t g, int64_t q, const Candidate* best, in
                   int32_t* slots) {
   const MemoryView& m = *p.m;
   const int64_t k = p.opt->k;
-  const SlotPositions position(*m.placement, m.written[g]);
+  const detail::SlotPositions position(*m.placement, m.written[g]);
   const int64_t o = (g * p.num_queries + q) * k;
   const SearchOutput& out = *p.out;
   const ResultRows rows(p);
